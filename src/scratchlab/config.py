@@ -1,0 +1,252 @@
+"""Typed run configuration: presets, YAML files and dotted command-line overrides.
+
+A config is built in one way only: `load_config(source, overrides)`. The source is
+a preset name shipped with the package (``tiny-lm``) or a path to a YAML file; the
+overrides are ``section.key=value`` strings whose values are parsed as YAML
+scalars (``optim.lr=3e-4``, ``model.bias=false``, ``demo.temperatures=[0,1]``).
+Unknown keys fail with a did-you-mean; wrong types name the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from scratchlab.errors import UserError
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        "stdlib",
+        description="A data dir made by `scratchlab data text`, or 'stdlib' for the "
+        "built-in corpus (this interpreter's standard-library source, prepared and cached on first use).",
+    )
+    vocab_size: int = Field(4096, ge=259, description="BPE vocabulary size when preparing the stdlib corpus.")
+    max_mb: float = Field(0.0, ge=0, description="Cap on the stdlib corpus in MB of text (0 = all of it).")
+
+
+class ModelConfig(_Section):
+    family: Literal["lm"] = "lm"
+    n_layers: int = Field(4, ge=1)
+    d_model: int = Field(256, ge=8)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1, description="Fewer than n_heads = grouped-query attention.")
+    ffn: Literal["swiglu", "gelu"] = "swiglu"
+    ffn_mult: float = Field(4.0, gt=0, description="Hidden width / d_model (SwiGLU uses 2/3 of it, as in LLaMA).")
+    bias: bool = False
+    tie_embeddings: bool = True
+    max_seq_len: int = Field(1024, ge=1, description="Longest context the model supports (RoPE table size).")
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    init: Literal["normal", "xavier", "depth_scaled", "truncated_normal"] = "depth_scaled"
+    init_std: float = Field(0.02, gt=0)
+    logits_scale: float = Field(1.0, gt=0, description="Fixed multiplier on the output logits.")
+    vocab_size: int | None = Field(None, ge=2, description="Defaults to the data's vocabulary size.")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("model.d_model / model.n_heads must be even for RoPE")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({kv})")
+        return self
+
+
+class ClipConfig(_Section):
+    max_norm: float = Field(1.0, ge=0, description="Gradient-norm clip threshold (0 = no clipping).")
+    warmup_steps: int = Field(0, ge=0, description="Steps over which the threshold rises from start_frac*max_norm.")
+    start_frac: float = Field(0.1, gt=0, le=1)
+
+
+class TrainConfig(_Section):
+    name: str = "run"
+    out_dir: str = "runs"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast where the device has fast bf16 matmuls, else fp32."
+    )
+    seed: int = 1337
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(256, ge=2)
+    log_every: int = Field(10, ge=1)
+    save_every: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
+    clip: ClipConfig = ClipConfig()
+
+
+class OptimConfig(_Section):
+    lr: float = Field(3e-3, gt=0)
+    min_lr_frac: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr (cosine / wsd).")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps spent decaying.")
+
+
+class EvalConfig(_Section):
+    every: int = Field(250, ge=1)
+    batches: int = Field(8, ge=1, description="Fixed validation batches per evaluation.")
+    batch_size: int = Field(16, ge=1)
+
+
+class DemoConfig(_Section):
+    every: int = Field(500, ge=1)
+    prompts: list[str] = ["def ", "import ", "class "]
+    temperatures: list[float] = [0.0, 0.5, 1.0]
+    max_new_tokens: int = Field(64, ge=1)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class LogConfig(_Section):
+    progress: Literal["auto", "bar", "lines"] = "auto"
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    demo: DemoConfig = DemoConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _check_context(self) -> "Config":
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) is above model.max_seq_len ({self.model.max_seq_len}): "
+                "lower train.seq_len or raise model.max_seq_len"
+            )
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("scratchlab") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{where}: invalid YAML{at}: {getattr(exc, 'problem', exc)}; fix the syntax") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of sections (data:, model:, train:, ...), got {type(data).__name__}")
+    return data
+
+
+def read_source(source: str | Path) -> dict[str, Any]:
+    """The raw mapping of a preset name or a YAML path."""
+    text_source = str(source)
+    if text_source in preset_names():
+        text = (resources.files("scratchlab") / "presets" / f"{text_source}.yaml").read_text()
+        return _read_yaml(text, f"preset {text_source}")
+    path = Path(text_source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"config file {path} not found; give a YAML path or a preset ({', '.join(preset_names())})")
+        return _read_yaml(path.read_text(), str(path))
+    hint = difflib.get_close_matches(text_source, preset_names(), n=1)
+    extra = f"; did you mean '{hint[0]}'?" if hint else f"; presets: {', '.join(preset_names())}"
+    raise UserError(f"unknown preset or config file '{text_source}'{extra}")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=3e-4", "model.bias=true"]`` -> nested dict with YAML-typed values."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override '{item}' must look like section.key=value (e.g. optim.lr=3e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}' conflicts with an earlier override of '{part}'")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _known_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _explain(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(Config, loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        suggestion = f"did you mean '{'.'.join(loc[:-1] + (hint[0],))}'?" if hint else f"known keys: {', '.join(known)}"
+        return f"unknown config key '{dotted}'; {suggestion}"
+    if not loc:  # a model-level validator: its message already names the fields
+        return err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"config field '{dotted}': {err['msg'].removeprefix('Value error, ')}{got_text}"
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_explain(exc)) from exc
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve a preset or YAML file plus dotted overrides into a validated Config."""
+    raw = read_source(source) if source is not None else read_source("tiny-lm")
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return build_config(raw)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,28 @@
+"""The ONE loss function, used by training and evaluation alike.
+
+Field note: special tokens were removed from the training loss but the eval loss
+still counted them, because train and eval had their own loss code. Here both call
+`token_loss`; which targets count is decided by the batch's ``labels`` (-100 =
+ignored), made once in the data layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in fp32 over every label that is not IGNORE_INDEX.
+
+    ``logits`` [..., V] and ``labels`` [...] (any leading shape). ``reduction`` is
+    ``mean``, ``sum`` or ``none`` (per-target losses, 0 where ignored).
+    """
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )

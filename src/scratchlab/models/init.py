@@ -1,0 +1,39 @@
+"""Weight initialisation schemes, selected by ``model.init``.
+
+- ``normal``: N(0, init_std) for every matrix and embedding.
+- ``xavier``: Xavier-uniform for linear layers, N(0, init_std) for embeddings.
+- ``depth_scaled``: ``normal``, with residual output projections (attention out, FFN down)
+  at init_std / sqrt(2 * n_layers) so the residual stream does not grow with depth (GPT-2).
+- ``truncated_normal``: N(0, init_std) truncated at +-2 std.
+Biases start at zero and norm weights at one in every scheme.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+INIT_SCHEMES = ("normal", "xavier", "depth_scaled", "truncated_normal")
+
+
+def init_weights(model: nn.Module, scheme: str, std: float, n_layers: int) -> None:
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}; choose one of {INIT_SCHEMES}")
+    residual_std = std / math.sqrt(2 * n_layers)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            if scheme == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+            elif scheme == "truncated_normal":
+                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            else:
+                is_residual = scheme == "depth_scaled" and getattr(module, "is_residual_out", False)
+                nn.init.normal_(module.weight, std=residual_std if is_residual else std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            if scheme == "truncated_normal":
+                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            else:
+                nn.init.normal_(module.weight, std=std)

@@ -1,0 +1,72 @@
+"""The ``lm`` family: a decoder-only, pre-norm transformer over token ids.
+
+    ids [B, T] -> embedding -> n_layers x Block -> RMSNorm -> head -> logits [B, T, V] * logits_scale
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scratchlab.config import ModelConfig
+from scratchlab.models.blocks import Block, KVCache, RMSNorm, rope_tables
+from scratchlab.models.init import init_weights
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be set (the trainer fills it from the data)")
+        self.cfg = cfg
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(cfg.d_model, cfg.n_heads, n_kv, cfg.ffn, cfg.ffn_mult, cfg.bias, cfg.norm_eps)
+            for _ in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        init_weights(self, cfg.init, cfg.init_std, cfg.n_layers)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        T = input_ids.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        x = self.tok_emb(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.head(self.norm(x))
+        return logits * self.cfg.logits_scale if self.cfg.logits_scale != 1.0 else logits
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        attn = self.blocks[0].attn
+        ref = self.tok_emb.weight
+        return KVCache(
+            len(self.blocks),
+            batch,
+            attn.n_kv_heads,
+            max_len or self.cfg.max_seq_len,
+            attn.head_dim,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return total - self.tok_emb.weight.numel() if exclude_embeddings else total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x non-embedding params (incl. the head) + attention (PaLM appendix B)."""
+        n = self.num_params(exclude_embeddings=True) + (self.head.weight.numel() if self.cfg.tie_embeddings else 0)
+        attention = 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
+        return 6 * n + attention

@@ -1,0 +1,560 @@
+"""The training loop: config -> data -> model -> steps, evals, demos, checkpoints -> run dir.
+
+`train(config)` starts a run; `train(resume=RUN_DIR)` continues one from its latest
+checkpoint, bit-exactly on CPU (weights, optimizer, data position, RNG and clip
+history are all restored; schedules are functions of the step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from scratchlab.config import Config, build_config, deep_merge, parse_overrides, read_source, to_yaml
+from scratchlab.data.text import TextData, load_tokenizer, open_text_data, prepare_stdlib
+from scratchlab.data.windows import get_batch
+from scratchlab.errors import UserError
+from scratchlab.loss import token_loss
+from scratchlab.models import build_model
+from scratchlab.runs.metrics import MetricsLogger, truncate_after
+from scratchlab.runs.store import RunDir, environment
+from scratchlab.sample import generate
+from scratchlab.train.checkpoint import (
+    BEST,
+    NonFiniteModelError,
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights,
+    prune_checkpoints,
+    read_state,
+    save_checkpoint,
+)
+from scratchlab.train.optim import build_optimizer, clip_threshold_at, lr_at
+from scratchlab.train.progress import Reporter
+
+CLIP_WINDOW = 100  # clip_ratio = clipped fraction of the last CLIP_WINDOW steps
+MAX_NONFINITE_STEPS = 3  # consecutive non-finite steps before the run is stopped
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradients stayed non-finite: stop, keeping the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    final_loss: float
+    val_loss: float
+    val_bpb: float
+    best_val_loss: float
+    tokens_per_s: float
+    wall_s: float
+    status: str
+
+
+# ---------------------------------------------------------------- environment choices
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu or install a CUDA torch")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device=mps but MPS is not available; use train.device=cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls beat fp32 on CPUs with AMX or AVX512-BF16 (Linux flags; elsewhere assume not)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_data(cfg: Config, reporter: Reporter | None = None) -> TextData:
+    if cfg.data.path == "stdlib":
+        if reporter:
+            reporter.info("preparing the default corpus (Python standard library source; cached after the first run)")
+        return open_text_data(prepare_stdlib(cfg.data.vocab_size, cfg.data.max_mb))
+    return open_text_data(cfg.data.path)
+
+
+def fill_vocab(cfg: Config, data: TextData) -> Config:
+    """Set model.vocab_size from the data, or check that the configured one can hold it."""
+    if cfg.model.vocab_size is None:
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": data.vocab_size})})
+    if cfg.model.vocab_size < data.vocab_size:
+        raise UserError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer vocabulary "
+            f"({data.vocab_size}) in {data.root}: tokenizer/vocab mismatch; set model.vocab_size>={data.vocab_size} "
+            "or remove it to use the data's"
+        )
+    return cfg
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tokens: np.ndarray,
+    token_bytes: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    n_batches: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[float, float]:
+    """Mean loss (nats/token) and bits per byte on fixed windows, with the training loss function.
+
+    Bits per byte counts only targets that are text (special tokens have 0 bytes and are
+    left out of both sums), so the figure does not depend on the tokenizer.
+    """
+    was_training = model.training
+    model.eval()
+    nats, targets, text_nats, text_bytes = 0.0, 0, 0.0, 0
+    byte_table = torch.from_numpy(token_bytes.astype(np.int64)).to(device)
+    for i in range(n_batches):
+        batch = get_batch(tokens, seq_len, batch_size, "fixed", batch_index=i, count=n_batches * batch_size)
+        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        with autocast(device, precision):
+            logits = model(input_ids)
+        losses = token_loss(logits, labels, reduction="none")
+        nats += losses.sum().item()
+        targets += labels.numel()
+        nbytes = byte_table[labels.reshape(-1)]
+        text_nats += losses[nbytes > 0].sum().item()
+        text_bytes += int(nbytes.sum().item())
+    model.train(was_training)
+    return nats / targets, text_nats / math.log(2) / max(1, text_bytes)
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps, saves, and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(
+        self, cfg: Config, run: RunDir, data: TextData, reporter: Reporter, *, resume_from: Path | None = None
+    ) -> None:
+        self.cfg, self.run, self.data, self.reporter = cfg, run, data, reporter
+        self.device = resolve_device(cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
+        self.data_gen = torch.Generator().manual_seed(cfg.train.seed)  # the data position
+        self.step = 0
+        self.clip_history: deque[bool] = deque(maxlen=CLIP_WINDOW)
+        self.best_val = math.inf
+        self.last_val: tuple[float, float] = (math.nan, math.nan)
+        self.last_loss = math.nan
+        self.train_time = 0.0  # seconds spent in optimizer steps (for tokens/s)
+        self.prior_wall = 0.0  # wall time of earlier segments of a resumed run
+        self._t0 = time.time()
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
+
+    # -- state
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "loss": self.last_loss,
+            "val_loss": self.last_val[0],
+            "val_bpb": self.last_val[1],
+            "best_val_loss": self.best_val,
+            "clip_history": [bool(c) for c in self.clip_history],
+            "train_time_s": self.train_time,
+            "wall_s": self.prior_wall + time.time() - self._t0,
+        }
+
+    def _restore(self, ckpt: Path) -> None:
+        load_weights(self.model, ckpt)
+        trainer_state = load_trainer_state(ckpt)
+        state = read_state(ckpt)
+        try:
+            self.optimizer.load_state_dict(trainer_state["optimizer"])
+            torch.set_rng_state(trainer_state["rng"]["torch"])
+            self.data_gen.set_state(trainer_state["rng"]["data"])
+            if "cuda" in trainer_state["rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(trainer_state["rng"]["cuda"], self.device)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise UserError(f"checkpoint {ckpt}/trainer.pt does not match this model/optimizer ({exc})") from exc
+        self.step = int(state["step"])
+        self.clip_history.extend(state.get("clip_history", []))
+        self.best_val = float(state.get("best_val_loss", math.inf))
+        self.last_val = (float(state.get("val_loss", math.nan)), float(state.get("val_bpb", math.nan)))
+        self.train_time = float(state.get("train_time_s", 0.0))
+        self.prior_wall = float(state.get("wall_s", 0.0))
+
+    def save(self, name: str | None = None, weights_only: bool = False) -> Path | None:
+        name = name or f"step_{self.step:06d}"
+        try:
+            path = save_checkpoint(
+                self.run.checkpoints,
+                name,
+                self.model,
+                None if weights_only else self.optimizer,
+                None if weights_only else self._rng_state(),
+                self._state(),
+            )
+        except NonFiniteModelError as exc:
+            self.reporter.info(f"warning: checkpoint {name} not saved: {exc}", style="yellow")
+            return None
+        if name != BEST:
+            prune_checkpoints(self.run.checkpoints, self.cfg.train.keep_last)
+        return path
+
+    # -- one optimizer step
+
+    def train_step(self, metrics: MetricsLogger) -> bool:
+        """One optimizer step over grad_accum micro-batches. Returns False if it was skipped (non-finite)."""
+        cfg = self.cfg.train
+        lr = lr_at(self.step, self.cfg.optim, cfg.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        threshold = clip_threshold_at(self.step, cfg.clip)
+        started = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = get_batch(self.data.train, cfg.seq_len, cfg.batch_size, "random", generator=self.data_gen)
+            input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+            with autocast(self.device, self.precision):
+                logits = self.model(input_ids)
+            loss = token_loss(logits, labels)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        loss_value = loss_sum / cfg.grad_accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), threshold))
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.train_time += time.perf_counter() - started
+        self.step += 1
+        clipped = finite and grad_norm > threshold
+        self.clip_history.append(clipped)
+        self.last_loss = loss_value
+        self._interval_tokens += self.tokens_per_step
+        if self.step % self.cfg.train.log_every == 0 or self.step == cfg.max_steps or not finite:
+            elapsed = time.perf_counter() - self._interval_start
+            row = {
+                "step": self.step,
+                "tokens": self.step * self.tokens_per_step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "clip_threshold": threshold,
+                "clipped": clipped,
+                "clip_ratio": sum(self.clip_history) / len(self.clip_history),
+                "tokens_per_s": self._interval_tokens / max(elapsed, 1e-9),
+                "time_s": round(self.prior_wall + time.time() - self._t0, 3),
+            }
+            if not finite:
+                row["nonfinite"] = True
+            metrics.log(row)
+            self.reporter.step(self.step, row)
+            self._interval_tokens, self._interval_start = 0, time.perf_counter()
+        else:
+            self.reporter.advance(self.step)
+        return finite
+
+    # -- evaluation and demos
+
+    def evaluate(self) -> tuple[float, float]:
+        e = self.cfg.eval
+        return evaluate(
+            self.model,
+            self.data.val,
+            self.data.token_bytes,
+            self.cfg.train.seq_len,
+            e.batch_size,
+            e.batches,
+            self.device,
+            self.precision,
+        )
+
+    def demo(self, tokenizer) -> str | None:
+        """Samples at every configured temperature; never raises (a demo must not stop training)."""
+        d = self.cfg.demo
+        try:
+            lines = [f"# step {self.step}"]
+            generator = torch.Generator(device=self.device)
+            for prompt in d.prompts:
+                ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+                for temperature in d.temperatures:
+                    generator.manual_seed(self.cfg.train.seed + self.step)
+                    with autocast(self.device, self.precision):
+                        new = generate(
+                            self.model,
+                            ids,
+                            d.max_new_tokens,
+                            temperature=temperature,
+                            top_k=d.top_k,
+                            top_p=d.top_p,
+                            eos_id=self.data.eos_id,
+                            generator=generator,
+                        )
+                    lines.append(f"\n## prompt={prompt!r} temperature={temperature}\n{prompt}{tokenizer.decode(new)}")
+            text = "\n".join(lines) + "\n"
+            (self.run.demos / f"step_{self.step:06d}.txt").write_text(text, encoding="utf-8")
+            return text
+        except Exception as exc:  # noqa: BLE001 - any demo failure is logged and training goes on
+            self.reporter.info(f"warning: demo at step {self.step} failed ({type(exc).__name__}: {exc}); training continues", style="yellow")
+            return None
+
+    # -- the loop
+
+    def fit(self) -> TrainResult:
+        cfg, run, rep = self.cfg, self.run, self.reporter
+        self._interval_tokens, self._interval_start = 0, time.perf_counter()
+        tokenizer = load_tokenizer(run.tokenizer_file)
+        metrics = MetricsLogger(run.metrics_file)
+        run.set_status("running", step=self.step)
+        status = "finished"
+        nonfinite_streak = 0
+        try:
+            with _StopFlag() as stop:
+                rep.start(cfg.train.max_steps, self.step)
+                while self.step < cfg.train.max_steps:
+                    ok = self.train_step(metrics)
+                    nonfinite_streak = 0 if ok else nonfinite_streak + 1
+                    if nonfinite_streak:
+                        rep.info(f"warning: non-finite loss/gradients at step {self.step}; step skipped", style="yellow")
+                    if nonfinite_streak >= MAX_NONFINITE_STEPS:
+                        raise TrainingDiverged(
+                            f"training diverged: loss or gradients non-finite for {MAX_NONFINITE_STEPS} steps in a row "
+                            f"at step {self.step}; lower optim.lr or train.clip.max_norm, then resume from the last "
+                            f"good checkpoint in {run.checkpoints}"
+                        )
+                    last = self.step == cfg.train.max_steps
+                    if self.step % cfg.eval.every == 0 or last:
+                        self.last_val = self.evaluate()
+                        val_loss, val_bpb = self.last_val
+                        metrics.log({"step": self.step, "tokens": self.step * self.tokens_per_step,
+                                     "val_loss": val_loss, "val_bpb": val_bpb})
+                        rep.info(f"eval step {self.step}: val_loss {val_loss:.4f}  val_bpb {val_bpb:.4f}", style="cyan")
+                        if math.isfinite(val_loss) and val_loss < self.best_val:
+                            self.best_val = val_loss
+                            self.save(BEST, weights_only=True)
+                    if self.step % cfg.demo.every == 0 or last:
+                        self.demo(tokenizer)
+                    if stop.signal is not None:
+                        rep.stop()
+                        self.save()
+                        status = "stopped"
+                        rep.info(f"{stop.signal}: saved step {self.step}. Resume with: scratchlab train --resume {run.path}")
+                        break
+                    if self.step % cfg.train.save_every == 0 or last:
+                        self.save()
+        except BaseException as exc:
+            rep.stop()
+            run.set_status("crashed", step=self.step, error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            metrics.close()
+            rep.stop()
+        state = self._state()
+        tokens_per_s = state["tokens"] / max(self.train_time, 1e-9)
+        result = TrainResult(
+            run_dir=run.path,
+            step=self.step,
+            tokens=state["tokens"],
+            final_loss=self.last_loss,
+            val_loss=self.last_val[0],
+            val_bpb=self.last_val[1],
+            best_val_loss=self.best_val,
+            tokens_per_s=tokens_per_s,
+            wall_s=state["wall_s"],
+            status=status,
+        )
+        summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items() if k != "status"}
+        run.set_status(status, **summary)
+        return result
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def _print_summary(console: Console, result: TrainResult, demo_text: str | None) -> None:
+    table = Table(title=f"run {result.status}", show_header=False)
+    for label, value in [
+        ("run dir", str(result.run_dir)),
+        ("steps", f"{result.step:,}"),
+        ("tokens", f"{result.tokens:,}"),
+        ("final train loss", f"{result.final_loss:.4f}"),
+        ("final val loss", f"{result.val_loss:.4f} nats/token"),
+        ("final val bits/byte", f"{result.val_bpb:.4f}"),
+        ("best val loss", f"{result.best_val_loss:.4f}"),
+        ("tokens/s (training)", f"{result.tokens_per_s:,.0f}"),
+        ("wall time", f"{result.wall_s:.1f} s"),
+    ]:
+        table.add_row(label, value)
+    if demo_text:
+        console.print(demo_text, markup=False, highlight=False)
+    console.print(table)
+
+
+def train(
+    config: Config | None = None,
+    *,
+    resume: str | Path | None = None,
+    overrides: list[str] | None = None,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train a new run from ``config``, or continue the run dir ``resume`` (with optional overrides)."""
+    wall_start = time.time()
+    console = console or Console()
+    if resume is not None:
+        run = RunDir.open(resume)
+        raw = deep_merge(read_source(run.config_file), parse_overrides(overrides or []))
+        cfg = build_config(raw)
+        ckpt = latest_checkpoint(run.checkpoints)
+        if ckpt is None:
+            raise UserError(f"run {run.path} has no checkpoint to resume from; start a new run instead")
+    else:
+        cfg = config if config is not None else build_config({})
+        run, ckpt = None, None
+
+    reporter = Reporter(console, cfg.log.progress)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    data = load_data(cfg, reporter)
+    cfg = fill_vocab(cfg, data)
+    if cfg.train.seq_len + 1 > len(data.val):
+        raise UserError(
+            f"train.seq_len ({cfg.train.seq_len}) needs at least seq_len+1 validation tokens, the data has "
+            f"{len(data.val)}; lower train.seq_len or add data"
+        )
+
+    if run is None:
+        run = RunDir.create(cfg.train.out_dir, cfg.train.name)
+        run.config_file.write_text(to_yaml(cfg))
+        shutil.copyfile(data.root / "tokenizer.json", run.tokenizer_file)
+        run.write_json("data.json", {"path": str(data.root), **data.meta})
+    else:
+        run.config_file.write_text(to_yaml(cfg))  # overrides given at resume are part of the record
+        dropped = truncate_after(run.metrics_file, read_state(ckpt)["step"])
+        if dropped:
+            console.print(f"discarded {dropped} metric rows logged after the checkpoint", style="dim")
+    reporter.attach_log(run.log_file)
+    trainer = Trainer(cfg, run, data, reporter, resume_from=ckpt)
+    trainer.prior_wall += 0.0 if ckpt else time.time() - wall_start  # data preparation counts as wall time
+    run.write_json("env.json", environment(f"{trainer.device} ({trainer.precision})"))
+
+    m = trainer.model
+    reporter.info(f"run dir: {run.path}")
+    if ckpt is not None:
+        reporter.info(f"resumed from {ckpt} at step {trainer.step}")
+    reporter.info(
+        f"model: {m.num_params() / 1e6:.2f}M params ({m.num_params(exclude_embeddings=True) / 1e6:.2f}M non-embedding), "
+        f"{m.flops_per_token(cfg.train.seq_len) / 1e6:.1f} MFLOP/token (training); device {trainer.device}, "
+        f"precision {trainer.precision}"
+    )
+    reporter.info(
+        f"data: {data.meta['splits']['train']['tokens']:,} train / {data.meta['splits']['val']['tokens']:,} val tokens, "
+        f"vocab {data.vocab_size}; {trainer.tokens_per_step:,} tokens/step x {cfg.train.max_steps:,} steps"
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        reporter.close()
+    last_demo = trainer.run.demos / f"step_{result.step:06d}.txt"
+    _print_summary(console, result, last_demo.read_text() if last_demo.exists() else None)
+    return result
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str | None = None, device: str = "cpu"):
+    """(model, tokenizer, eos_id) of a run, from its best checkpoint (else the latest, or the named one)."""
+    run = RunDir.open(run_dir)
+    cfg = build_config(read_source(run.config_file))
+    if checkpoint is not None:
+        ckpt = run.checkpoints / checkpoint if not Path(checkpoint).is_dir() else Path(checkpoint)
+    elif (run.checkpoints / BEST).is_dir():
+        ckpt = run.checkpoints / BEST
+    else:
+        ckpt = latest_checkpoint(run.checkpoints)
+    if ckpt is None or not ckpt.is_dir():
+        raise UserError(f"run {run.path} has no checkpoint{' ' + checkpoint if checkpoint else ''} to sample from")
+    model = build_model(cfg.model).to(resolve_device(device))
+    load_weights(model, ckpt)
+    model.eval()
+    tokenizer = load_tokenizer(run.tokenizer_file)
+    eos_id = tokenizer.token_to_id("<|endoftext|>")
+    if tokenizer.get_vocab_size() > cfg.model.vocab_size:
+        raise UserError(
+            f"{run.tokenizer_file} has {tokenizer.get_vocab_size()} tokens but the model only {cfg.model.vocab_size}: "
+            "tokenizer/vocab mismatch; use the tokenizer the run was trained with"
+        )
+    return model, tokenizer, eos_id
+
