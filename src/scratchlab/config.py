@@ -31,7 +31,7 @@ class DataConfig(_Section):
         description="A data dir made by `scratchlab data text`, or 'stdlib' for the "
         "built-in corpus (this interpreter's standard-library source, prepared and cached on first use).",
     )
-    vocab_size: int = Field(4096, ge=259, description="BPE vocabulary size when preparing the stdlib corpus.")
+    vocab_size: int = Field(4096, ge=260, description="BPE vocabulary size when preparing the stdlib corpus.")
     max_mb: float = Field(0.0, ge=0, description="Cap on the stdlib corpus in MB of text (0 = all of it).")
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from scratchlab.errors import UserError
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Mask logits [B, V] outside the top-k and outside the smallest set with mass >= top_p."""
@@ -83,6 +85,18 @@ def generate(
         model.train(was_training)
 
 
+def check_sampling_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Sampling options a person typed: each bad one is a one-line UserError."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0, 0 meaning greedy (got {temperature})")
+    if top_k < 0:
+        raise UserError(f"--top-k must be >= 0, 0 meaning off (got {top_k})")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], 1 meaning off (got {top_p})")
+
+
 def sample_run(
     run_dir: str | Path,
     prompt: str,
@@ -97,8 +111,14 @@ def sample_run(
     """Load a run's best (or latest, or named) checkpoint and continue ``prompt``; returns the text."""
     from scratchlab.train.loop import load_run_model
 
+    check_sampling_options(max_new_tokens, temperature, top_k, top_p)
     model, tokenizer, eos_id = load_run_model(run_dir, checkpoint=checkpoint)
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    # Documents are separated by EOS in training, so an empty prompt starts a new document.
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [eos_id]
+    if len(ids) >= model.cfg.max_seq_len:
+        raise UserError(
+            f"--prompt is {len(ids)} tokens, the model's context is {model.cfg.max_seq_len}; shorten the prompt"
+        )
     generator = torch.Generator(device=next(model.parameters()).device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     new = generate(

@@ -27,6 +27,7 @@ from scratchlab.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
 META_VERSION = 1
+MIN_VOCAB = 260  # byte-level alphabet (256) + EOS + a few merges
 
 
 # ---------------------------------------------------------------- reading documents
@@ -191,9 +192,15 @@ def prepare_text(
     source_name: str | None = None,
 ) -> Path:
     """Tokenize documents into a data dir (see module docstring). Returns the dir."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; give a folder path for the data dir")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be between 0 and 1 (got {val_fraction})")
+    if tokenizer_path is None and vocab_size < MIN_VOCAB:
+        raise UserError(f"vocab_size {vocab_size} is below {MIN_VOCAB} (256 bytes + EOS + merges); raise it")
     docs = src if isinstance(src, list) else read_documents(src)
     train_docs, val_docs = split_by_document(docs, val_fraction)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     if tokenizer_path is not None:

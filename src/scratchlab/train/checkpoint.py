@@ -124,7 +124,10 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
     try:
         missing, unexpected = load_model(model, str(file), strict=False)
     except SafetensorError as exc:
-        raise UserError(f"checkpoint file {file} is corrupt or truncated ({exc}); resume from an earlier checkpoint") from exc
+        raise UserError(
+            f"checkpoint file {file} is corrupt or truncated ({exc}); delete {ckpt} to fall back to an earlier "
+            "checkpoint (or sample another one with --checkpoint step_N)"
+        ) from exc
     except RuntimeError as exc:
         detail = str(exc).splitlines()[-1].strip() if str(exc) else "shape mismatch"
         raise UserError(
@@ -145,7 +148,10 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise UserError(f"checkpoint {ckpt} has no trainer.pt; it cannot be resumed (weights-only)") from exc
     except Exception as exc:  # torch raises several types for a corrupt archive
-        raise UserError(f"checkpoint file {file} is corrupt or truncated ({type(exc).__name__}); resume from an earlier checkpoint") from exc
+        raise UserError(
+            f"checkpoint file {file} is corrupt or truncated ({type(exc).__name__}); delete {ckpt} to resume from "
+            "an earlier checkpoint"
+        ) from exc
 
 
 def is_finite_number(x: float) -> bool:

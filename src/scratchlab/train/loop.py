@@ -194,7 +194,7 @@ class _StopFlag:
 
 class Trainer:
     def __init__(
-        self, cfg: Config, run: RunDir, data: TextData, reporter: Reporter, *, resume_from: Path | None = None
+        self, cfg: Config, run: RunDir | None, data: TextData, reporter: Reporter, *, resume_from: Path | None = None
     ) -> None:
         self.cfg, self.run, self.data, self.reporter = cfg, run, data, reporter
         self.device = resolve_device(cfg.train.device)
@@ -314,7 +314,7 @@ class Trainer:
                 "loss": loss_value,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "clip_threshold": threshold,
+                "clip_threshold": threshold if math.isfinite(threshold) else None,  # None: clipping off
                 "clipped": clipped,
                 "clip_ratio": sum(self.clip_history) / len(self.clip_history),
                 "tokens_per_s": self._interval_tokens / max(elapsed, 1e-9),
@@ -415,7 +415,7 @@ class Trainer:
                         status = "stopped"
                         rep.info(f"{stop.signal}: saved step {self.step}. Resume with: scratchlab train --resume {run.path}")
                         break
-                    if self.step % cfg.train.save_every == 0 or last:
+                    if (self.step % cfg.train.save_every == 0 or last) and ok:  # never right after a non-finite step
                         self.save()
         except BaseException as exc:
             rep.stop()
@@ -497,20 +497,23 @@ def train(
             f"{len(data.val)}; lower train.seq_len or add data"
         )
 
+    # Build (and for a resume, restore) everything before touching the run dir, so a
+    # failure here leaves no empty run dir and never alters an existing run's record.
+    trainer = Trainer(cfg, run, data, reporter, resume_from=ckpt)
     if run is None:
-        run = RunDir.create(cfg.train.out_dir, cfg.train.name)
+        run = trainer.run = RunDir.create(cfg.train.out_dir, cfg.train.name)
         run.config_file.write_text(to_yaml(cfg))
         shutil.copyfile(data.root / "tokenizer.json", run.tokenizer_file)
         run.write_json("data.json", {"path": str(data.root), **data.meta})
+        run.write_json("env.json", environment(f"{trainer.device} ({trainer.precision})"))
+        trainer.prior_wall += time.time() - wall_start  # data preparation counts as wall time
     else:
         run.config_file.write_text(to_yaml(cfg))  # overrides given at resume are part of the record
-        dropped = truncate_after(run.metrics_file, read_state(ckpt)["step"])
+        run.write_json(f"env_resume_step_{trainer.step:06d}.json", environment(f"{trainer.device} ({trainer.precision})"))
+        dropped = truncate_after(run.metrics_file, trainer.step)
         if dropped:
             console.print(f"discarded {dropped} metric rows logged after the checkpoint", style="dim")
     reporter.attach_log(run.log_file)
-    trainer = Trainer(cfg, run, data, reporter, resume_from=ckpt)
-    trainer.prior_wall += 0.0 if ckpt else time.time() - wall_start  # data preparation counts as wall time
-    run.write_json("env.json", environment(f"{trainer.device} ({trainer.precision})"))
 
     m = trainer.model
     reporter.info(f"run dir: {run.path}")

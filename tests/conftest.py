@@ -1,0 +1,65 @@
+"""Shared fixtures: a small real corpus (stdlib source), a prepared data dir, tiny-model overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scratchlab.data.text import prepare_text, stdlib_files
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Nothing in the tests may write to the user's ~/.cache.
+    monkeypatch.setenv("SCRATCHLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def small_corpus(n_docs: int = 60, max_chars: int = 4000) -> list[str]:
+    """Real text: the first characters of some standard-library modules."""
+    docs = []
+    for path in stdlib_files():
+        text = path.read_text(encoding="utf-8", errors="ignore")[:max_chars]
+        if len(text) > 500:
+            docs.append(text)
+        if len(docs) == n_docs:
+            break
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    return small_corpus()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, corpus) -> Path:
+    return prepare_text(corpus, tmp_path_factory.mktemp("data"), vocab_size=400, val_fraction=0.1)
+
+
+def tiny_overrides(data_dir: Path, out_dir: Path, **extra) -> list[str]:
+    """Overrides for a model that trains a few steps in about a second."""
+    values = {
+        "data.path": str(data_dir),
+        "model.n_layers": 2,
+        "model.d_model": 32,
+        "model.n_heads": 2,
+        "model.max_seq_len": 64,
+        "train.seq_len": 32,
+        "train.batch_size": 4,
+        "train.max_steps": 8,
+        "train.log_every": 1,
+        "train.save_every": 4,
+        "train.out_dir": str(out_dir),
+        "train.precision": "fp32",
+        "optim.warmup_steps": 2,
+        "eval.every": 4,
+        "eval.batches": 2,
+        "eval.batch_size": 4,
+        "demo.every": 4,
+        "demo.max_new_tokens": 8,
+        "demo.prompts": "['def ']",
+        "log.progress": "lines",
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]

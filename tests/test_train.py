@@ -1,0 +1,221 @@
+"""The trainer: run dir contract, bit-exact resume, no NaN checkpoints, atomic saves, demos."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+import scratchlab.train.checkpoint as checkpoint_mod
+import scratchlab.train.loop as loop
+from scratchlab.cli import main
+from scratchlab.config import ClipConfig, OptimConfig, load_config
+from scratchlab.data.text import open_text_data
+from scratchlab.runs.metrics import read_metrics
+from scratchlab.train import train
+from scratchlab.train.checkpoint import latest_checkpoint, step_checkpoints
+from scratchlab.train.optim import clip_threshold_at, lr_at
+
+from conftest import tiny_overrides
+
+TRAIN_KEYS = {"step", "tokens", "loss", "lr", "grad_norm", "clip_threshold", "clipped", "clip_ratio", "tokens_per_s"}
+
+
+def quiet() -> Console:
+    return Console(file=open("/dev/null", "w"))
+
+
+def run_tiny(data_dir, out_dir, **extra):
+    return train(load_config("tiny-lm", tiny_overrides(data_dir, out_dir, **extra)), console=quiet())
+
+
+def losses(run_dir, key="loss"):
+    return [(r["step"], r[key]) for r in read_metrics(run_dir / "metrics.jsonl") if key in r]
+
+
+def test_run_dir_and_metrics_contract(data_dir, tmp_path):
+    result = run_tiny(data_dir, tmp_path)
+    run = result.run_dir
+    assert result.status == "finished" and result.step == 8
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "train.log", "tokenizer.json", "status.json", "data.json"):
+        assert (run / name).is_file(), name
+    rows = read_metrics(run / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert all(TRAIN_KEYS <= r.keys() for r in train_rows)
+    assert [r["tokens"] for r in train_rows] == [s * 4 * 32 for s in range(1, 9)]
+    assert [r["step"] for r in eval_rows] == [4, 8]
+    assert all(math.isfinite(r["val_loss"]) and 0 < r["val_bpb"] < 20 for r in eval_rows)
+    assert result.val_loss == eval_rows[-1]["val_loss"]
+    # Schedules recorded as configured: warmup to 3e-3 over 2 steps, then cosine.
+    assert train_rows[0]["lr"] == pytest.approx(1.5e-3) and train_rows[1]["lr"] == pytest.approx(3e-3)
+    # keep_last=2 step checkpoints + best
+    assert [p.name for p in step_checkpoints(run / "checkpoints")] == ["step_000004", "step_000008"]
+    assert (run / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (run / "demos").iterdir()) == ["step_000004.txt", "step_000008.txt"]
+    demo = (run / "demos" / "step_000008.txt").read_text()
+    assert demo.count("temperature=") == 3 and "prompt='def '" in demo
+    env = json.loads((run / "env.json").read_text())
+    assert {"python", "torch", "platform", "device", "pip_freeze", "git"} <= env.keys()
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 8
+    assert load_config(run / "config.yaml").model.vocab_size == open_text_data(data_dir).vocab_size
+
+
+def test_resume_is_bit_exact(data_dir, tmp_path):
+    straight = run_tiny(data_dir, tmp_path / "a", train__max_steps=12, train__keep_last=3).run_dir
+    # Simulate a run killed after its step-4 checkpoint: drop the later checkpoints.
+    cut = tmp_path / "cut"
+    shutil.copytree(straight, cut)
+    for ckpt in step_checkpoints(cut / "checkpoints"):
+        if ckpt.name != "step_000004":
+            shutil.rmtree(ckpt)
+    shutil.rmtree(cut / "checkpoints" / "best")
+    assert latest_checkpoint(cut / "checkpoints").name == "step_000004"
+    resumed = train(resume=cut, console=quiet())
+    assert resumed.step == 12
+    assert losses(cut) == losses(straight)  # every train loss, bit for bit
+    assert losses(cut, "val_loss") == losses(straight, "val_loss")
+    assert [r["grad_norm"] for r in read_metrics(cut / "metrics.jsonl") if "loss" in r] == [
+        r["grad_norm"] for r in read_metrics(straight / "metrics.jsonl") if "loss" in r
+    ]
+    a = load_file(straight / "checkpoints" / "step_000012" / "model.safetensors")
+    b = load_file(cut / "checkpoints" / "step_000012" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_can_extend_a_finished_run(data_dir, tmp_path):
+    run = run_tiny(data_dir, tmp_path).run_dir
+    result = train(resume=run, overrides=["train.max_steps=10"], console=quiet())
+    assert result.step == 10
+    assert [s for s, _ in losses(run)] == list(range(1, 11))
+
+
+def test_nonfinite_loss_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
+    real_loss = loop.token_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, labels, reduction="mean"):
+        calls["n"] += 1
+        loss = real_loss(logits, labels, reduction)
+        return loss * float("nan") if calls["n"] > 5 and reduction == "mean" else loss
+
+    monkeypatch.setattr(loop, "token_loss", poisoned)
+    with pytest.raises(loop.TrainingDiverged, match="non-finite"):
+        run_tiny(data_dir, tmp_path, train__save_every=2, eval__every=100)
+    run = next(tmp_path.iterdir())
+    assert json.loads((run / "status.json").read_text())["status"] == "crashed"
+    # Steps 6-8 were non-finite and skipped: the last checkpoint is step 4 and its weights are finite.
+    assert [p.name for p in step_checkpoints(run / "checkpoints")] == ["step_000002", "step_000004"]
+    weights = load_file(run / "checkpoints" / "step_000004" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    flagged = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r.get("nonfinite")]
+    assert flagged == [6, 7, 8]
+
+
+def test_nonfinite_weights_refused_and_previous_checkpoint_kept(data_dir, tmp_path):
+    run = run_tiny(data_dir, tmp_path).run_dir
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(checkpoint_mod.NonFiniteModelError, match="weight"):
+        checkpoint_mod.save_checkpoint(run / "checkpoints", "step_000009", model, None, None, {})
+    assert latest_checkpoint(run / "checkpoints").name == "step_000008"
+
+
+def test_killed_save_leaves_previous_checkpoint_usable(data_dir, tmp_path, monkeypatch):
+    run = run_tiny(data_dir, tmp_path).run_dir
+
+    def dies_midway(model, filename, *a, **k):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt  # as if killed while writing
+
+    monkeypatch.setattr(checkpoint_mod, "save_model", dies_midway)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_mod.save_checkpoint(run / "checkpoints", "step_000010", model, None, None, {"step": 10})
+    monkeypatch.undo()
+    assert latest_checkpoint(run / "checkpoints").name == "step_000008"
+    result = train(resume=run, overrides=["train.max_steps=9"], console=quiet())
+    assert result.step == 9
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the torn save was cleaned up
+
+
+def test_demo_failure_never_stops_training(data_dir, tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("demo exploded")
+
+    monkeypatch.setattr(loop, "generate", broken)
+    result = run_tiny(data_dir, tmp_path)
+    assert result.status == "finished" and result.step == 8
+    assert "demo exploded" in (result.run_dir / "train.log").read_text()
+
+
+def test_clipping_is_logged(data_dir, tmp_path):
+    run = run_tiny(data_dir, tmp_path, train__clip__max_norm=1e-6).run_dir
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert all(r["clipped"] and r["clip_ratio"] == 1.0 for r in rows)
+    run = run_tiny(data_dir, tmp_path / "off", train__clip__max_norm=0).run_dir
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert all(r["clip_threshold"] is None and not r["clipped"] and r["clip_ratio"] == 0 for r in rows)
+
+
+def test_schedules():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_frac=0.1, schedule="cosine")
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    wsd = cfg.model_copy(update={"schedule": "wsd", "decay_frac": 0.5})
+    assert lr_at(30, wsd, 110) == 1.0 and lr_at(109, wsd, 110) == pytest.approx(0.1)
+    assert lr_at(82, wsd, 110) == pytest.approx(1.0 - 0.9 * 28 / 55)
+    assert lr_at(500, cfg.model_copy(update={"schedule": "constant"}), 110) == 1.0
+    clip = ClipConfig(max_norm=2.0, warmup_steps=100, start_frac=0.1)
+    assert [clip_threshold_at(s, clip) for s in (0, 50, 100, 1000)] == pytest.approx([0.2, 1.1, 2.0, 2.0])
+    assert clip_threshold_at(5, ClipConfig(max_norm=0)) == math.inf
+
+
+def test_bits_per_byte_of_a_uniform_model(data_dir):
+    data = open_text_data(data_dir)
+
+    class Uniform(torch.nn.Module):
+        def forward(self, ids):
+            return torch.zeros(*ids.shape, data.vocab_size)
+
+    val_loss, val_bpb = loop.evaluate(Uniform(), data.val, data.token_bytes, 32, 4, 2, torch.device("cpu"))
+    assert val_loss == pytest.approx(math.log(data.vocab_size))
+    # bits/byte = (targets that are text) x log2(V) / (their bytes)
+    from scratchlab.data.windows import get_batch
+
+    labels = torch.cat([get_batch(data.val, 32, 4, "fixed", batch_index=i, count=8)["labels"] for i in range(2)])
+    nbytes = data.token_bytes[labels.numpy()]
+    expected = (nbytes > 0).sum() * math.log2(data.vocab_size) / nbytes.sum()
+    assert val_bpb == pytest.approx(expected)
+
+
+def test_cli_train_then_sample(data_dir, tmp_path, capsys):
+    assert main(["train", *tiny_overrides(data_dir, tmp_path)]) == 0
+    run = next(tmp_path.iterdir())
+    capsys.readouterr()
+    code = main(["sample", str(run), "--prompt", "def ", "--temperature", "0.8", "--top-k", "50",
+                 "--max-new-tokens", "20", "--seed", "0"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("def ") and len(out) > len("def ") + 5
+    assert main(["sample", str(run), "--prompt", "def ", "--temperature", "0", "--max-new-tokens", "20"]) == 0
+    greedy1 = capsys.readouterr().out
+    assert main(["sample", str(run), "--prompt", "def ", "--temperature", "0", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out == greedy1
+
+
+def test_config_show_prints_resolved_config(capsys):
+    assert main(["config", "show", "tiny-lm", "optim.lr=1e-4", "model.bias=true"]) == 0
+    shown = capsys.readouterr().out
+    assert "lr: 0.0001" in shown and "bias: true" in shown and "n_layers: 4" in shown
