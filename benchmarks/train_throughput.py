@@ -4,40 +4,46 @@ Usage::
 
     python benchmarks/train_throughput.py [--preset tiny-lm] [--steps N] [--warmup N] [--json] [section.key=value ...]
 
-What it measures, for each precision (fp32, then bf16 autocast; bf16 is skipped with a note
-where the device cannot run it):
+What it measures, for each precision (fp32 and bf16 autocast; bf16 is skipped with a note where
+the device cannot run it):
 
-- **tokens/s of full training steps**: the trainer's own step (``scratchlab.train.loop``):
-  forward under ``autocast``, ``token_loss``, backward, ``loss.item()``, gradient-norm clipping
-  and the AdamW step of ``build_optimizer`` (fused on CUDA, as the trainer does), on random
-  token batches of ``train.batch_size x train.seq_len`` (``train.grad_accum`` micro-batches per
-  step). Each step is timed on its own (the device synchronised); the figure is the median over
-  ``--steps`` timed steps that follow ``--warmup`` untimed ones. A fresh model, with the same
-  seed, is built for each precision.
+- **tokens/s of full training steps**: the trainer's own step (``Trainer.train_step`` in
+  ``scratchlab.train.loop``, minus data loading and logging): forward under ``autocast``,
+  ``token_loss``, backward, ``loss.item()``, gradient-norm clipping and the AdamW step of
+  ``build_optimizer`` (fused on CUDA, as the trainer does), on random token batches of
+  ``train.batch_size x train.seq_len`` (``train.grad_accum`` micro-batches per step). Each
+  precision trains its own model, built from the same seed. Each step is timed on its own (the
+  device synchronised); the figure is the median over ``--steps`` timed steps that follow
+  ``--warmup`` untimed ones. Steps of the two precisions alternate, so that other load on the
+  machine slows both alike and their ratio stays fair.
 - **achieved FLOP/s** = ``model.flops_per_token(seq_len) x tokens/s``: 6 x non-embedding
   parameters (the output head included) + the attention term, per PaLM's appendix B. Attention
   is counted over the full T x T matrix, as that formula does, although causal attention needs
   about half of it.
 - **matmul FLOP/s**: square ``N x N`` matmuls in the same dtype (fp32 or bf16), in the same run,
-  measured just after that precision's training steps: the median of several timings of
-  ``2 N^3`` FLOPs. This is the ceiling this machine reaches on easy, dense work right now (with
-  these threads and whatever else is running), not a figure from a spec sheet.
+  after the training steps: the median of several timings of ``2 N^3`` FLOPs (the dtypes again
+  alternate). This is the ceiling this machine reaches on easy, dense work right now, with these
+  threads and whatever else is running; it is not a figure from a spec sheet.
 - **achieved / matmul**: a CPU-friendly "MFU": the fraction of the measured matmul speed that
   training reaches. It is below 1 because a training step is more than large matmuls: a tiny
   model's matmuls are small (low arithmetic intensity), and norms, RoPE, softmax, the fp32
   cross-entropy over the vocabulary, the bf16 casts, the optimizer update (fp32 master weights and
   AdamW state at every precision) and Python overhead are memory-bound work that the FLOP count
-  ignores. Compare it across precisions, presets and machines, not against 100 %.
+  leaves out. Compare it across precisions, presets and machines, not against 100 %.
 - **bf16 / fp32**: training tokens/s at bf16 over tokens/s at fp32 (above 1: bf16 autocast trains
-  faster here), shown next to the same ratio for the plain matmuls. On CPUs without AMX or
-  AVX512-BF16, bf16 is emulated and the ratio is usually below 1; that is why
-  ``train.precision=auto`` picks fp32 there (the header shows its choice).
+  faster here), next to the same ratio for the plain matmuls. The training ratio is far below the
+  matmul one when the step is dominated by the memory-bound work above, which bf16 autocast does
+  not speed up (or slows, with its casts). On CPUs without AMX or AVX512-BF16, bf16 is emulated
+  and the ratio is usually below 1; that is why ``train.precision=auto`` picks fp32 there (the
+  header shows its choice on this machine).
 
 Dotted overrides apply to the preset as in ``scratchlab train`` (``train.batch_size=8``,
 ``model.n_layers=2``, ``train.device=cpu``, ``train.threads=4``). ``model.vocab_size`` is taken
 from the config, else 4096 (the tiny-lm tokenizer's size). Torch's thread count is left as it is
-unless ``train.threads`` is set, exactly as training does; it is printed. Figures are noisy when
-other processes share the CPU; the step-time range shows how much.
+unless ``train.threads`` is set, exactly as training does, and printed. Figures are noisy when other
+processes share the CPU: the step-time range (min-max) shows how much, and the header gives the CPU
+time the process got while training, in cores. Well below the thread count (a note says so), other
+load has likely crowded it out: threads then wait on each other and steps can slow several-fold.
 """
 
 from __future__ import annotations
@@ -49,13 +55,16 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch import nn
+
+Operands = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a, b and the output buffer of a matmul
 
 from scratchlab.config import Config, load_config
 from scratchlab.errors import UserError
@@ -68,7 +77,26 @@ DEFAULT_VOCAB = 4096
 PRECISIONS = ("fp32", "bf16")
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MATMUL_SAMPLES = 7
-MATMUL_MIN_SAMPLE_S = 0.05  # each matmul timing repeats the matmul until it spans at least this long
+MATMUL_MIN_SAMPLE_S = 0.05  # one matmul timing repeats the matmul until it spans at least this long
+CONTENDED_FRACTION = 0.6  # below this share of its threads in CPU time, the process was likely crowded out
+
+
+@dataclass
+class Session:
+    """One precision's model, optimizer and batch stream."""
+
+    precision: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+
+
+@dataclass
+class StepTimes:
+    """Seconds of each timed training step, and how many of them were non-finite (update skipped)."""
+
+    seconds: list[float] = field(default_factory=list)
+    nonfinite: int = 0
 
 
 @dataclass
@@ -82,7 +110,7 @@ class PrecisionResult:
     achieved_flops_per_s: float
     matmul_flops_per_s: float
     achieved_over_matmul: float
-    skipped_nonfinite_steps: int
+    nonfinite_steps: int
 
 
 # ---------------------------------------------------------------- setup
@@ -95,14 +123,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=8")
     parser.add_argument("--preset", default="tiny-lm", help="preset name or YAML config path (default: tiny-lm)")
     parser.add_argument("--steps", type=int, default=15, help="timed training steps per precision (default: 15)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first (default: 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed training steps before them (default: 3)")
     parser.add_argument(
-        "--matmul-size", type=int, default=0, help="N of the N x N matmul benchmark (default: 2048 on CPU, 8192 on GPU)"
+        "--matmul-size", type=int, default=0, help="N of the N x N matmuls (default: 2048 on CPU, 8192 on GPU)"
     )
     parser.add_argument("--json", action="store_true", help="print a JSON dict instead of the table")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.matmul_size < 0:
-        parser.error("--steps must be >= 1, --warmup and --matmul-size >= 0")
+        parser.error("--steps must be >= 1; --warmup and --matmul-size >= 0")
     return args
 
 
@@ -138,7 +166,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def bf16_unsupported_reason(device: torch.device) -> str | None:
-    """Why bf16 autocast cannot run here, or None if it can."""
+    """Why bf16 autocast cannot run on ``device``, or None if it can."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return f"{torch.cuda.get_device_name(device)} does not support bf16"
     try:
@@ -148,122 +176,6 @@ def bf16_unsupported_reason(device: torch.device) -> str | None:
     except (RuntimeError, TypeError) as exc:
         return f"bf16 autocast is unavailable on {device.type} ({exc})"
     return None
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ---------------------------------------------------------------- training steps
-
-
-def random_batch(cfg: Config, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ids [B, T] and their next-token labels, the shapes the data layer gives the trainer."""
-    t = cfg.train
-    tokens = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), generator=generator)
-    return tokens[:, :-1], tokens[:, 1:]
-
-
-def train_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    cfg: Config,
-    step: int,
-    device: torch.device,
-    precision: str,
-) -> bool:
-    """One optimizer step as `Trainer.train_step` runs it (minus logging). False if skipped as non-finite."""
-    loss_sum = 0.0
-    for input_ids, labels in batches:
-        input_ids, labels = input_ids.to(device), labels.to(device)
-        with autocast(device, precision):
-            logits = model(input_ids)
-        loss = token_loss(logits, labels)
-        (loss / len(batches)).backward()
-        loss_sum += loss.item()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_threshold_at(step, cfg.train.clip)))
-    finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    synchronize(device)
-    return finite
-
-
-def time_training(cfg: Config, device: torch.device, precision: str, steps: int, warmup: int) -> tuple[list[float], int]:
-    """Seconds of each timed step, and how many steps were skipped as non-finite."""
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
-    model.train()
-    optimizer = build_optimizer(model, cfg.optim, fused=device.type == "cuda")
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    times, skipped = [], 0
-    for step in range(warmup + steps):
-        batches = [random_batch(cfg, generator) for _ in range(cfg.train.grad_accum)]
-        synchronize(device)
-        started = time.perf_counter()
-        finite = train_step(model, optimizer, batches, cfg, step, device, precision)
-        elapsed = time.perf_counter() - started
-        if step >= warmup:
-            times.append(elapsed)
-            skipped += not finite
-    del model, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return times, skipped
-
-
-# ---------------------------------------------------------------- matmul ceiling
-
-
-def time_matmuls(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, reps: int) -> float:
-    """Seconds per matmul, averaged over ``reps`` back-to-back calls."""
-    device = a.device
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(reps):
-        torch.matmul(a, b, out=out)
-    synchronize(device)
-    return (time.perf_counter() - started) / reps
-
-
-def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """Dense N x N matmul FLOP/s in ``dtype``: the median of MATMUL_SAMPLES timings."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    time_matmuls(a, b, out, reps=2)  # warm-up: library init, kernel selection
-    per_call = time_matmuls(a, b, out, reps=2)
-    reps = max(1, math.ceil(MATMUL_MIN_SAMPLE_S / max(per_call, 1e-9)))
-    seconds = statistics.median(time_matmuls(a, b, out, reps) for _ in range(MATMUL_SAMPLES))
-    return 2 * n**3 / seconds
-
-
-# ---------------------------------------------------------------- one precision
-
-
-def measure(
-    cfg: Config, device: torch.device, precision: str, steps: int, warmup: int, matmul_size: int, flops_per_token: float
-) -> PrecisionResult:
-    times, skipped = time_training(cfg, device, precision, steps, warmup)
-    step_s = statistics.median(times)
-    tokens_per_s = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len / step_s
-    achieved = flops_per_token * tokens_per_s
-    matmul = matmul_flops_per_s(device, MATMUL_DTYPES[precision], matmul_size)
-    return PrecisionResult(
-        precision=precision,
-        steps=len(times),
-        step_s_median=step_s,
-        step_s_min=min(times),
-        step_s_max=max(times),
-        tokens_per_s=tokens_per_s,
-        achieved_flops_per_s=achieved,
-        matmul_flops_per_s=matmul,
-        achieved_over_matmul=achieved / matmul,
-        skipped_nonfinite_steps=skipped,
-    )
 
 
 def model_summary(cfg: Config) -> dict[str, Any]:
@@ -281,7 +193,135 @@ def model_summary(cfg: Config) -> dict[str, Any]:
     }
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- training steps
+
+
+def new_session(cfg: Config, device: torch.device, precision: str) -> Session:
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim, fused=device.type == "cuda")
+    return Session(precision, model, optimizer, torch.Generator().manual_seed(cfg.train.seed))
+
+
+def random_batch(cfg: Config, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids [B, T] and their next-token labels: the shapes the data layer gives the trainer."""
+    t = cfg.train
+    tokens = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def train_step(
+    session: Session, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: Config, step: int, device: torch.device
+) -> bool:
+    """One optimizer step as `Trainer.train_step` runs it. False if it was skipped as non-finite."""
+    model, optimizer = session.model, session.optimizer
+    loss_sum = 0.0
+    for input_ids, labels in batches:
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        with autocast(device, session.precision):
+            logits = model(input_ids)
+        loss = token_loss(logits, labels)
+        (loss / len(batches)).backward()
+        loss_sum += loss.item()
+    threshold = clip_threshold_at(step, cfg.train.clip)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), threshold))
+    finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return finite
+
+
+def timed_step(session: Session, cfg: Config, step: int, device: torch.device) -> tuple[float, bool]:
+    """Seconds of one training step (batch creation excluded) and whether it was finite."""
+    batches = [random_batch(cfg, session.generator) for _ in range(cfg.train.grad_accum)]
+    synchronize(device)
+    started = time.perf_counter()
+    finite = train_step(session, batches, cfg, step, device)
+    return time.perf_counter() - started, finite
+
+
+def time_training(
+    cfg: Config, device: torch.device, precisions: list[str], steps: int, warmup: int
+) -> dict[str, StepTimes]:
+    """Train one model per precision, alternating their steps; keep the times of the steps after warmup."""
+    sessions = [new_session(cfg, device, precision) for precision in precisions]
+    times = {precision: StepTimes() for precision in precisions}
+    for step in range(warmup + steps):
+        for session in sessions:
+            elapsed, finite = timed_step(session, cfg, step, device)
+            if step >= warmup:
+                times[session.precision].seconds.append(elapsed)
+                times[session.precision].nonfinite += not finite
+    return times
+
+
+# ---------------------------------------------------------------- matmul ceiling
+
+
+def time_matmuls(operands: Operands, reps: int) -> float:
+    """Seconds per matmul, averaged over ``reps`` back-to-back calls."""
+    a, b, out = operands
+    synchronize(a.device)
+    started = time.perf_counter()
+    for _ in range(reps):
+        torch.matmul(a, b, out=out)
+    synchronize(a.device)
+    return (time.perf_counter() - started) / reps
+
+
+def matmul_operands(device: torch.device, dtype: torch.dtype, n: int) -> Operands:
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
+    return a, b, torch.empty(n, n, device=device, dtype=dtype)
+
+
+def matmul_flops_per_s(device: torch.device, precisions: list[str], n: int) -> dict[str, float]:
+    """Dense N x N matmul FLOP/s per precision: the median of MATMUL_SAMPLES timings, dtypes alternating."""
+    operands = {p: matmul_operands(device, MATMUL_DTYPES[p], n) for p in precisions}
+    reps: dict[str, int] = {}
+    for p, ops in operands.items():
+        time_matmuls(ops, reps=2)  # warm-up: library init, kernel selection
+        reps[p] = max(1, math.ceil(MATMUL_MIN_SAMPLE_S / max(time_matmuls(ops, reps=2), 1e-9)))
+    samples: dict[str, list[float]] = {p: [] for p in precisions}
+    for _ in range(MATMUL_SAMPLES):
+        for p, ops in operands.items():
+            samples[p].append(time_matmuls(ops, reps[p]))
+    return {p: 2 * n**3 / statistics.median(seconds) for p, seconds in samples.items()}
+
+
+# ---------------------------------------------------------------- results
+
+
+def summarize(
+    precision: str, times: StepTimes, tokens_per_step: int, flops_per_token: float, matmul: float
+) -> PrecisionResult:
+    step_s = statistics.median(times.seconds)
+    tokens_per_s = tokens_per_step / step_s
+    achieved = flops_per_token * tokens_per_s
+    return PrecisionResult(
+        precision=precision,
+        steps=len(times.seconds),
+        step_s_median=step_s,
+        step_s_min=min(times.seconds),
+        step_s_max=max(times.seconds),
+        tokens_per_s=tokens_per_s,
+        achieved_flops_per_s=achieved,
+        matmul_flops_per_s=matmul,
+        achieved_over_matmul=achieved / matmul,
+        nonfinite_steps=times.nonfinite,
+    )
+
+
 def ratios(results: dict[str, PrecisionResult]) -> dict[str, float] | None:
+    """bf16 over fp32, for training tokens/s and for matmul FLOP/s; None when one is missing."""
     if "fp32" not in results or "bf16" not in results:
         return None
     fp32, bf16 = results["fp32"], results["bf16"]
@@ -296,49 +336,75 @@ def ratios(results: dict[str, PrecisionResult]) -> dict[str, float] | None:
 
 def fmt_flops(value: float) -> str:
     if value >= 1e12:
-        return f"{value / 1e12:,.1f} TFLOP/s"
+        return f"{value / 1e12:,.2f} TFLOP/s"
     return f"{value / 1e9:,.1f} GFLOP/s"
 
 
-def print_report(console: Console, report: dict[str, Any], results: dict[str, PrecisionResult]) -> None:
+def print_header(console: Console, report: dict[str, Any]) -> None:
     env, model, bench = report["env"], report["model"], report["bench"]
-    name = env.get("gpu", env["cpu"])
-    console.print(f"[bold]device[/] {env['device']} ({name})   [bold]torch[/] {env['torch']}   "
-                  f"[bold]threads[/] {env['threads']}")
-    if "gpu" in env:
-        console.print(f"[bold]host CPU[/] {env['cpu']}   [bold]fp32 matmul precision[/] {env['fp32_matmul_precision']}")
+    console.print(f"[bold]device[/] {env['device']} ({env.get('gpu', env['cpu'])})")
+    console.print(f"[bold]torch[/] {env['torch']}, {env['threads']} threads "
+                  f"({bench['cores_used']:.2f} cores of CPU time while training)", end="")
+    console.print(f", host CPU {env['cpu']}" if "gpu" in env else "")
     console.print(
         f"[bold]model[/] {report['preset']}: {model['params'] / 1e6:.2f}M params "
         f"({model['non_embedding_params'] / 1e6:.2f}M non-embedding), vocab {model['vocab_size']}, "
-        f"{model['flops_per_token'] / 1e6:.1f} MFLOP/token (training)"
+        f"{model['flops_per_token'] / 1e6:.1f} MFLOP/token"
     )
     console.print(
-        f"[bold]batch[/] {model['batch_size']} x {model['seq_len']} x {model['grad_accum']} accum = "
-        f"{model['tokens_per_step']:,} tokens/step; {bench['warmup']} warmup + {bench['steps']} timed steps; "
-        f"matmul {bench['matmul_size']}x{bench['matmul_size']}; train.precision=auto picks {env['auto_precision']}"
+        f"[bold]batch[/] {model['batch_size']} x {model['seq_len']} tokens x {model['grad_accum']} accum = "
+        f"{model['tokens_per_step']:,} tokens/step; {bench['warmup']} warmup + {bench['steps']} timed steps"
     )
-    table = Table(title="training throughput vs measured matmul speed")
-    for column in ("precision", "step (median)", "step range", "tokens/s", "achieved", "matmul", "achieved/matmul"):
-        table.add_column(column, justify="left" if column == "precision" else "right")
-    for r in results.values():
-        table.add_row(
-            r.precision,
-            f"{r.step_s_median * 1e3:,.1f} ms",
-            f"{r.step_s_min * 1e3:,.0f}-{r.step_s_max * 1e3:,.0f} ms",
-            f"{r.tokens_per_s:,.0f}",
-            fmt_flops(r.achieved_flops_per_s),
-            fmt_flops(r.matmul_flops_per_s),
-            f"{r.achieved_over_matmul:.1%}",
-        )
-    console.print(table)
+    console.print(f"train.precision=auto picks {env['auto_precision']} here; fp32 matmul precision "
+                  f"'{env['fp32_matmul_precision']}'")
+
+
+def results_table(results: dict[str, PrecisionResult], matmul_size: int) -> Table:
+    table = Table(title="training vs matmul speed")
+    table.add_column("")
+    for name in results:
+        table.add_column(name, justify="right")
+    ratio = ratios(results)
+    if ratio is not None:
+        table.add_column("bf16/fp32", justify="right")
+    rs = list(results.values())
+    rows: list[tuple[str, list[str], str]] = [  # label, one cell per precision, key of its bf16/fp32 ratio
+        ("step time (median)", [f"{r.step_s_median * 1e3:,.0f} ms" for r in rs], ""),
+        ("step time (min-max)", [f"{r.step_s_min * 1e3:,.0f}-{r.step_s_max * 1e3:,.0f} ms" for r in rs], ""),
+        ("tokens/s", [f"{r.tokens_per_s:,.0f}" for r in rs], "train"),
+        ("achieved FLOP/s", [fmt_flops(r.achieved_flops_per_s) for r in rs], "train"),
+        (f"matmul FLOP/s ({matmul_size}^2)", [fmt_flops(r.matmul_flops_per_s) for r in rs], "matmul"),
+        ("achieved / matmul", [f"{r.achieved_over_matmul:.1%}" for r in rs], ""),
+    ]
+    for label, cells, ratio_key in rows:
+        extra = [f"{ratio[ratio_key]:.2f}x" if ratio_key else ""] if ratio is not None else []
+        table.add_row(label, *cells, *extra)
+    return table
+
+
+def print_report(console: Console, report: dict[str, Any], results: dict[str, PrecisionResult]) -> None:
+    print_header(console, report)
+    console.print(results_table(results, report["bench"]["matmul_size"]))
     ratio = report["bf16_over_fp32"]
     if ratio is not None:
-        console.print(f"[bold]bf16 / fp32[/] training tokens/s: {ratio['train']:.2f}x   (matmul FLOP/s: {ratio['matmul']:.2f}x)")
+        console.print(f"[bold]bf16 / fp32 speed[/]: training {ratio['train']:.2f}x, matmuls {ratio['matmul']:.2f}x")
     for note in report["notes"]:
         console.print(f"note: {note}", style="yellow")
 
 
 # ---------------------------------------------------------------- main
+
+
+def choose_precisions(device: torch.device, notes: list[str], skipped: dict[str, str]) -> list[str]:
+    precisions = list(PRECISIONS)
+    reason = bf16_unsupported_reason(device)
+    if reason is not None:
+        precisions.remove("bf16")
+        skipped["bf16"] = reason
+        notes.append(f"bf16 skipped: {reason}")
+    elif device.type == "cpu" and not cpu_has_fast_bf16():
+        notes.append("this CPU has neither AMX nor AVX512-BF16: bf16 matmuls are emulated, expect bf16 to be slower")
+    return precisions
 
 
 def run(args: argparse.Namespace, progress: Console) -> tuple[dict[str, Any], dict[str, PrecisionResult]]:
@@ -347,32 +413,38 @@ def run(args: argparse.Namespace, progress: Console) -> tuple[dict[str, Any], di
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     n = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    env = environment(device)
     notes: list[str] = []
-    precisions = list(PRECISIONS)
     skipped: dict[str, str] = {}
-    reason = bf16_unsupported_reason(device)
-    if reason is not None:
-        precisions.remove("bf16")
-        skipped["bf16"] = reason
-        notes.append(f"bf16 skipped: {reason}")
-    elif device.type == "cpu" and not cpu_has_fast_bf16():
-        notes.append("this CPU has neither AMX nor AVX512-BF16: bf16 matmuls are emulated, so expect bf16 to be slower")
-
+    precisions = choose_precisions(device, notes, skipped)
     summary = model_summary(cfg)
-    results: dict[str, PrecisionResult] = {}
-    for precision in precisions:
-        progress.print(f"{precision}: {args.warmup} warmup + {args.steps} timed training steps, then matmuls ...")
-        results[precision] = measure(cfg, device, precision, args.steps, args.warmup, n, summary["flops_per_token"])
-        if results[precision].skipped_nonfinite_steps:
-            notes.append(f"{precision}: {results[precision].skipped_nonfinite_steps} timed steps had non-finite "
-                         "loss/gradients and skipped the optimizer update")
+
+    alternating = " (alternating steps)" if len(precisions) > 1 else ""
+    progress.print(f"training {', '.join(precisions)}{alternating}: {args.warmup} warmup + {args.steps} timed steps")
+    cpu_started, wall_started = time.process_time(), time.perf_counter()
+    times = time_training(cfg, device, precisions, args.steps, args.warmup)
+    cores_used = (time.process_time() - cpu_started) / (time.perf_counter() - wall_started)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and cores_used < CONTENDED_FRACTION * threads:
+        notes.append(f"training averaged {cores_used:.2f} cores of CPU time for {threads} threads: other load "
+                     "likely crowded it out (figures then low and noisy), unless most of the step is serial")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the models are gone: give their memory to the matmuls
+    progress.print(f"matmuls {n}x{n} ...")
+    matmul = matmul_flops_per_s(device, precisions, n)
+
+    results = {
+        p: summarize(p, times[p], summary["tokens_per_step"], summary["flops_per_token"], matmul[p]) for p in precisions
+    }
+    for r in results.values():
+        if r.nonfinite_steps:
+            notes.append(f"{r.precision}: {r.nonfinite_steps} timed steps had non-finite loss or gradients "
+                         "and skipped the optimizer update")
     report = {
         "preset": args.preset,
         "overrides": args.overrides,
-        "env": env,
+        "env": environment(device),
         "model": summary,
-        "bench": {"steps": args.steps, "warmup": args.warmup, "matmul_size": n},
+        "bench": {"steps": args.steps, "warmup": args.warmup, "matmul_size": n, "cores_used": cores_used},
         "results": {name: asdict(r) for name, r in results.items()},
         "skipped": skipped,
         "bf16_over_fp32": ratios(results),

@@ -43,7 +43,8 @@ def test_run_dir_and_metrics_contract(data_dir, tmp_path):
     result = run_tiny(data_dir, tmp_path)
     run = result.run_dir
     assert result.status == "finished" and result.step == 8
-    for name in ("config.yaml", "env.json", "metrics.jsonl", "train.log", "tokenizer.json", "status.json", "data.json"):
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "train.log", "tokenizer.json", "status.json", "data.json",
+                 "data_step0.txt"):
         assert (run / name).is_file(), name
     rows = read_metrics(run / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]
@@ -62,6 +63,8 @@ def test_run_dir_and_metrics_contract(data_dir, tmp_path):
     assert sorted(p.name for p in (run / "demos").iterdir()) == ["step_000004.txt", "step_000008.txt"]
     demo = (run / "demos" / "step_000008.txt").read_text()
     assert demo.count("temperature=") == 3 and "prompt='def '" in demo
+    step0 = (run / "data_step0.txt").read_text()
+    assert "32/32 targets in the loss" in step0 and "--- target text" in step0
     env = json.loads((run / "env.json").read_text())
     assert {"python", "torch", "platform", "device", "pip_freeze", "git"} <= env.keys()
     status = json.loads((run / "status.json").read_text())

@@ -121,6 +121,13 @@ class LogConfig(_Section):
     progress: Literal["auto", "bar", "lines"] = "auto"
 
 
+class DoctorConfig(_Section):
+    preflight: bool = Field(True, description="Check the model and a real batch before step 0.")
+    allow_errors: bool = Field(False, description="Start training even when preflight reports errors.")
+    overfit_steps: int = Field(0, ge=0, description="Preflight also tries to overfit one batch for this many steps.")
+    monitors: bool = Field(True, description="Watch the metrics while training (clip saturation, spikes, ...).")
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -129,6 +136,7 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     demo: DemoConfig = DemoConfig()
     log: LogConfig = LogConfig()
+    doctor: DoctorConfig = DoctorConfig()
 
     @model_validator(mode="after")
     def _check_context(self) -> "Config":

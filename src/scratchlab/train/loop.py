@@ -27,7 +27,7 @@ from scratchlab.config import Config, build_config, deep_merge, parse_overrides,
 from scratchlab.data.text import TextData, load_tokenizer, open_text_data, prepare_stdlib
 from scratchlab.data.windows import get_batch
 from scratchlab.errors import UserError
-from scratchlab.loss import token_loss
+from scratchlab.loss import IGNORE_INDEX, token_loss
 from scratchlab.models import build_model
 from scratchlab.runs.metrics import MetricsLogger, truncate_after
 from scratchlab.runs.store import RunDir, environment
@@ -211,6 +211,7 @@ class Trainer:
         self.train_time = 0.0  # seconds spent in optimizer steps (for tokens/s)
         self.prior_wall = 0.0  # wall time of earlier segments of a resumed run
         self._t0 = time.time()
+        self._interval_tokens, self._interval_start = 0, time.perf_counter()  # for tokens_per_s rows
         if resume_from is not None:
             self._restore(resume_from)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
@@ -329,6 +330,31 @@ class Trainer:
             self.reporter.advance(self.step)
         return finite
 
+    def first_batch(self) -> dict[str, torch.Tensor]:
+        """The batch the next step will train on, drawn from a copy of the data generator (position unchanged)."""
+        generator = torch.Generator().manual_seed(0)
+        generator.set_state(self.data_gen.get_state())
+        cfg = self.cfg.train
+        return get_batch(self.data.train, cfg.seq_len, cfg.batch_size, "random", generator=generator)
+
+    def log_first_batch(self, tokenizer, n_samples: int = 2, n_ids: int = 24) -> None:
+        """Write what step 0 is fed to data_step0.txt: field note, the slicing bug was found only by looking."""
+        batch = self.first_batch()
+        lines = [f"# the first training batch: {tuple(batch['input_ids'].shape)} (showing {n_samples} samples)"]
+        for i in range(min(n_samples, len(batch["input_ids"]))):
+            ids, labels = batch["input_ids"][i], batch["labels"][i]
+            kept = labels != IGNORE_INDEX
+            lines += [
+                f"\n## sample {i}: {int(kept.sum())}/{labels.numel()} targets in the loss",
+                f"input_ids[:{n_ids}] {ids[:n_ids].tolist()}",
+                f"labels[:{n_ids}]    {labels[:n_ids].tolist()}",
+                "--- input text ---",
+                tokenizer.decode(ids.tolist(), skip_special_tokens=False),
+                "--- target text (tokens in the loss) ---",
+                tokenizer.decode(labels[kept].tolist(), skip_special_tokens=False),
+            ]
+        (self.run.path / "data_step0.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
     # -- evaluation and demos
 
     def evaluate(self) -> tuple[float, float]:
@@ -377,10 +403,12 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, run, rep = self.cfg, self.run, self.reporter
-        self._interval_tokens, self._interval_start = 0, time.perf_counter()
+        self._interval_tokens, self._interval_start = 0, time.perf_counter()  # do not count set-up time
         tokenizer = load_tokenizer(run.tokenizer_file)
         metrics = MetricsLogger(run.metrics_file)
         run.set_status("running", step=self.step)
+        if self.step == 0:
+            self.log_first_batch(tokenizer)
         status = "finished"
         nonfinite_streak = 0
         try:
