@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,8 +247,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SCRATCHLAB_CACHE", Path.home() / ".cache" / "scratchlab"))
 
 
-def prepare_stdlib(vocab_size: int = 4096, max_mb: float = 0.0) -> Path:
-    """The default corpus, prepared once per (Python version, vocab, size cap) and cached."""
+def prepare_stdlib(vocab_size: int = 4096, max_mb: float = 0.0, announce: Callable[[str], None] | None = None) -> Path:
+    """The default corpus, prepared once per (Python version, vocab, size cap) and cached.
+
+    ``announce`` is told when the (slow, ~20 s) preparation actually runs.
+    """
     import sys
 
     max_bytes = int(max_mb * 1e6)
@@ -256,6 +260,8 @@ def prepare_stdlib(vocab_size: int = 4096, max_mb: float = 0.0) -> Path:
     out = cache_dir() / f"stdlib-{tag}"
     if (out / "meta.json").exists():
         return out
+    if announce:
+        announce(f"preparing the default corpus: {len(files)} standard-library files -> {out} (once; cached)")
     docs = [doc for f in files if (doc := _read_text_file(f)) is not None]
     return prepare_text(docs, out, vocab_size=vocab_size, source_name=f"python stdlib ({len(docs)} files)")
 

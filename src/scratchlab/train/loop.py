@@ -109,9 +109,8 @@ def autocast(device: torch.device, precision: str):
 
 def load_data(cfg: Config, reporter: Reporter | None = None) -> TextData:
     if cfg.data.path == "stdlib":
-        if reporter:
-            reporter.info("preparing the default corpus (Python standard library source; cached after the first run)")
-        return open_text_data(prepare_stdlib(cfg.data.vocab_size, cfg.data.max_mb))
+        announce = reporter.info if reporter else None
+        return open_text_data(prepare_stdlib(cfg.data.vocab_size, cfg.data.max_mb, announce=announce))
     return open_text_data(cfg.data.path)
 
 
@@ -376,10 +375,11 @@ class Trainer:
         try:
             lines = [f"# step {self.step}"]
             generator = torch.Generator(device=self.device)
-            for prompt in d.prompts:
+            for p, prompt in enumerate(d.prompts):
                 ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-                for temperature in d.temperatures:
-                    generator.manual_seed(self.cfg.train.seed + self.step)
+                for t, temperature in enumerate(d.temperatures):
+                    # Reproducible per (step, prompt, temperature), and different across them.
+                    generator.manual_seed(self.cfg.train.seed * 1_000_003 + self.step * 1009 + p * 101 + t)
                     with autocast(self.device, self.precision):
                         new = generate(
                             self.model,
