@@ -17,14 +17,19 @@ import scratchlab.train.loop as loop
 from scratchlab.cli import main
 from scratchlab.config import ClipConfig, OptimConfig, load_config
 from scratchlab.data.text import open_text_data
+from scratchlab.doctor import read_findings
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.train import train
+from scratchlab.train import load_run_model, train
 from scratchlab.train.checkpoint import latest_checkpoint, step_checkpoints
 from scratchlab.train.optim import clip_threshold_at, lr_at
 
 from conftest import tiny_overrides
 
 TRAIN_KEYS = {"step", "tokens", "loss", "lr", "grad_norm", "clip_threshold", "clipped", "clip_ratio", "tokens_per_s"}
+
+
+def param_names(run) -> set[str]:
+    return {name for name, _ in load_run_model(run, checkpoint="step_000004")[0].named_parameters()}
 
 
 def quiet() -> Console:
@@ -121,6 +126,10 @@ def test_nonfinite_loss_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in weights.values())
     flagged = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r.get("nonfinite")]
     assert flagged == [6, 7, 8]
+    (finding,) = read_findings(run / "findings.jsonl")
+    assert finding.code == "nonfinite" and finding.severity == "error" and finding.step == 8
+    blamed = finding.evidence["parameters"]
+    assert len(blamed) == 5 and not blamed[0]["finite"] and blamed[0]["name"] in param_names(run)
 
 
 def test_nonfinite_weights_refused_and_previous_checkpoint_kept(data_dir, tmp_path):

@@ -26,6 +26,7 @@ from torch import nn
 from scratchlab.config import Config, build_config, deep_merge, parse_overrides, read_source, to_yaml
 from scratchlab.data.text import TextData, load_tokenizer, open_text_data, prepare_stdlib
 from scratchlab.data.windows import get_batch
+from scratchlab.doctor.findings import Finding, make_finding, write_findings
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, token_loss
 from scratchlab.models import build_model
@@ -127,6 +128,18 @@ def fill_vocab(cfg: Config, data: TextData) -> Config:
     return cfg
 
 
+def guilty_parameters(model: nn.Module, k: int = 5) -> list[dict]:
+    """Parameters to blame for a non-finite step: non-finite gradients first, then the largest gradient norms."""
+    rows = []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            norm = float(p.grad.float().norm())
+            rows.append({"name": name, "grad_norm": norm if math.isfinite(norm) else str(norm),
+                         "finite": math.isfinite(norm)})
+    rows.sort(key=lambda r: (r["finite"], -(r["grad_norm"] if r["finite"] else 0.0)))
+    return rows[:k]
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -207,6 +220,7 @@ class Trainer:
         self.best_val = math.inf
         self.last_val: tuple[float, float] = (math.nan, math.nan)
         self.last_loss = math.nan
+        self.guilty: list[dict] = []  # parameters blamed for the last non-finite step
         self.train_time = 0.0  # seconds spent in optimizer steps (for tokens/s)
         self.prior_wall = 0.0  # wall time of earlier segments of a resumed run
         self._t0 = time.time()
@@ -297,6 +311,8 @@ class Trainer:
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
+        else:
+            self.guilty = guilty_parameters(self.model)  # before zero_grad drops the evidence
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -353,6 +369,12 @@ class Trainer:
                 tokenizer.decode(labels[kept].tolist(), skip_special_tokens=False),
             ]
         (self.run.path / "data_step0.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def record(self, finding: Finding) -> None:
+        """A doctor finding raised while training: printed, and appended to findings.jsonl."""
+        style = {"error": "bold red", "warning": "yellow"}.get(finding.severity)
+        self.reporter.info(str(finding), style=style)
+        write_findings(self.run.path / "findings.jsonl", [finding])
 
     # -- evaluation and demos
 
@@ -420,10 +442,17 @@ class Trainer:
                     if nonfinite_streak:
                         rep.info(f"warning: non-finite loss/gradients at step {self.step}; step skipped", style="yellow")
                     if nonfinite_streak >= MAX_NONFINITE_STEPS:
+                        names = ", ".join(g["name"] for g in self.guilty[:3]) or "none (the loss itself)"
+                        self.record(make_finding(
+                            "nonfinite",
+                            f"loss or gradients non-finite for {MAX_NONFINITE_STEPS} steps in a row; top parameters "
+                            f"by gradient: {names}",
+                            step=self.step, loss=self.last_loss, parameters=self.guilty[:5],
+                        ))
                         raise TrainingDiverged(
                             f"training diverged: loss or gradients non-finite for {MAX_NONFINITE_STEPS} steps in a row "
-                            f"at step {self.step}; lower optim.lr or train.clip.max_norm, then resume from the last "
-                            f"good checkpoint in {run.checkpoints}"
+                            f"at step {self.step} (top parameters by gradient: {names}); lower optim.lr or "
+                            f"train.clip.max_norm, then resume from the last good checkpoint in {run.checkpoints}"
                         )
                     last = self.step == cfg.train.max_steps
                     if self.step % cfg.eval.every == 0 or last:

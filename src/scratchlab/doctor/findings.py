@@ -1,0 +1,91 @@
+"""Findings: what the doctor says, with a stable code, a severity, one actionable line and evidence.
+
+Codes are API: tools and users match on them. Every code is in `CATALOG` (with its cause
+and fix) and documented in docs/findings.md; a code is never renamed silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Severity = Literal["error", "warning", "info"]
+SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    severity: Severity
+    title: str
+    cause: str
+    fix: str
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: Severity
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    step: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        row = asdict(self)
+        if row["step"] is None:
+            del row["step"]
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> "Finding":
+        return cls(
+            code=row["code"],
+            severity=row["severity"],
+            message=row["message"],
+            evidence=row.get("evidence", {}),
+            step=row.get("step"),
+        )
+
+    def __str__(self) -> str:
+        where = f" (step {self.step})" if self.step is not None else ""
+        return f"[{self.severity}] {self.code}{where}: {self.message}"
+
+
+CATALOG: dict[str, CodeInfo] = {}
+
+
+def register(code: str, severity: Severity, title: str, cause: str, fix: str) -> None:
+    if code in CATALOG:
+        raise ValueError(f"finding code {code!r} registered twice")
+    CATALOG[code] = CodeInfo(severity, title, cause, fix)
+
+
+def make_finding(code: str, message: str, *, step: int | None = None, severity: Severity | None = None,
+                 **evidence: Any) -> Finding:
+    """A Finding for a catalogued code; the severity defaults to the catalog's."""
+    info = CATALOG[code]  # KeyError = a code that is not documented: a bug
+    return Finding(code=code, severity=severity or info.severity, message=message, evidence=evidence, step=step)
+
+
+def sort_findings(findings: list[Finding]) -> list[Finding]:
+    return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.step or 0, f.code))
+
+
+def write_findings(path: Path, findings: list[Finding]) -> None:
+    """Append findings to a findings.jsonl file (one JSON object a line)."""
+    with open(path, "a", encoding="utf-8") as out:
+        for f in findings:
+            out.write(json.dumps(f.to_json(), default=float) + "\n")
+
+
+def read_findings(path: Path) -> list[Finding]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(Finding.from_json(json.loads(line)))
+        except (json.JSONDecodeError, KeyError):
+            continue  # a torn last line after a crash
+    return rows
