@@ -126,7 +126,8 @@ def test_nonfinite_loss_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in weights.values())
     flagged = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r.get("nonfinite")]
     assert flagged == [6, 7, 8]
-    (finding,) = read_findings(run / "findings.jsonl")
+    first, finding = read_findings(run / "findings.jsonl")  # the monitor's, at the first bad step; the stop's
+    assert (first.code, first.step) == ("nonfinite", 6)
     assert finding.code == "nonfinite" and finding.severity == "error" and finding.step == 8
     blamed = finding.evidence["parameters"]
     assert len(blamed) == 5 and not blamed[0]["finite"] and blamed[0]["name"] in param_names(run)
@@ -231,3 +232,14 @@ def test_config_show_prints_resolved_config(capsys):
     assert main(["config", "show", "tiny-lm", "optim.lr=1e-4", "model.bias=true"]) == 0
     shown = capsys.readouterr().out
     assert "lr: 0.0001" in shown and "bias: true" in shown and "n_layers: 4" in shown
+
+
+def test_monitors_record_findings_while_training(data_dir, tmp_path):
+    healthy = run_tiny(data_dir, tmp_path / "ok").run_dir
+    assert read_findings(healthy / "findings.jsonl") == []
+    run = run_tiny(data_dir, tmp_path / "clip", train__max_steps=110, train__clip__max_norm=1e-6,
+                   train__log_every=1, eval__every=1000, demo__every=1000, train__save_every=1000).run_dir
+    (saturated,) = read_findings(run / "findings.jsonl")  # once per episode, when a full window is past warmup
+    assert (saturated.code, saturated.step) == ("clip_saturated", 102)
+    assert saturated.evidence["clip_ratio"] == 1.0 and saturated.evidence["clip_threshold"] == 1e-6
+    assert "clip_saturated" in (run / "train.log").read_text()

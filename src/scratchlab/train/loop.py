@@ -27,10 +27,11 @@ from scratchlab.config import Config, build_config, deep_merge, parse_overrides,
 from scratchlab.data.text import TextData, load_tokenizer, open_text_data, prepare_stdlib
 from scratchlab.data.windows import get_batch
 from scratchlab.doctor.findings import Finding, make_finding, write_findings
+from scratchlab.doctor.monitors import MonitorConfig, RunMonitor
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, token_loss
 from scratchlab.models import build_model
-from scratchlab.runs.metrics import MetricsLogger, truncate_after
+from scratchlab.runs.metrics import MetricsLogger, read_metrics, truncate_after
 from scratchlab.runs.store import RunDir, environment
 from scratchlab.sample import generate
 from scratchlab.train.checkpoint import (
@@ -225,6 +226,7 @@ class Trainer:
         self.prior_wall = 0.0  # wall time of earlier segments of a resumed run
         self._t0 = time.time()
         self._interval_tokens, self._interval_start = 0, time.perf_counter()  # for tokens_per_s rows
+        self.monitor = RunMonitor(MonitorConfig.from_config(cfg)) if cfg.doctor.monitors else None
         if resume_from is not None:
             self._restore(resume_from)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
@@ -338,7 +340,7 @@ class Trainer:
             }
             if not finite:
                 row["nonfinite"] = True
-            metrics.log(row)
+            self.log_row(metrics, row)
             self.reporter.step(self.step, row)
             self._interval_tokens, self._interval_start = 0, time.perf_counter()
         else:
@@ -369,6 +371,19 @@ class Trainer:
                 tokenizer.decode(labels[kept].tolist(), skip_special_tokens=False),
             ]
         (self.run.path / "data_step0.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def log_row(self, metrics: MetricsLogger, row: dict) -> None:
+        """Every metric row goes to metrics.jsonl, then past the monitors (the doctor reads what people read)."""
+        metrics.log(row)
+        if self.monitor is not None:
+            for finding in self.monitor.observe(row):
+                self.record(finding)
+
+    def replay_metrics(self, rows: list[dict]) -> None:
+        """After a resume: feed the monitors the run's history (its findings were recorded the first time)."""
+        if self.monitor is not None:
+            for row in rows:
+                self.monitor.observe(row)
 
     def record(self, finding: Finding) -> None:
         """A doctor finding raised while training: printed, and appended to findings.jsonl."""
@@ -458,8 +473,8 @@ class Trainer:
                     if self.step % cfg.eval.every == 0 or last:
                         self.last_val = self.evaluate()
                         val_loss, val_bpb = self.last_val
-                        metrics.log({"step": self.step, "tokens": self.step * self.tokens_per_step,
-                                     "val_loss": val_loss, "val_bpb": val_bpb})
+                        self.log_row(metrics, {"step": self.step, "tokens": self.step * self.tokens_per_step,
+                                               "val_loss": val_loss, "val_bpb": val_bpb})
                         rep.info(f"eval step {self.step}: val_loss {val_loss:.4f}  val_bpb {val_bpb:.4f}", style="cyan")
                         if math.isfinite(val_loss) and val_loss < self.best_val:
                             self.best_val = val_loss
@@ -570,6 +585,7 @@ def train(
         dropped = truncate_after(run.metrics_file, trainer.step)
         if dropped:
             console.print(f"discarded {dropped} metric rows logged after the checkpoint", style="dim")
+        trainer.replay_metrics(read_metrics(run.metrics_file))
     reporter.attach_log(run.log_file)
 
     m = trainer.model
