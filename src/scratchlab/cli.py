@@ -76,6 +76,21 @@ def _cmd_config_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from scratchlab.doctor.diagnose import diagnose, diagnosis_json, render_diagnosis
+
+    diagnosis = diagnose(args.run_dir)
+    if args.json:
+        print(json.dumps(diagnosis_json(diagnosis), indent=2))
+    else:
+        render_diagnosis(diagnosis, Console())
+    return 0 if diagnosis.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scratchlab", description="Train autoregressive transformers from scratch.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -106,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.set_defaults(func=_cmd_data_text)
+
+    p = sub.add_parser("doctor", help="diagnose a run from its run dir (exit 1 when it has error findings)")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+    p.set_defaults(func=_cmd_doctor)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     p = config.add_parser("show", help="print the resolved config")

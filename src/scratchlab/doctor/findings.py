@@ -56,9 +56,10 @@ CATALOG: dict[str, CodeInfo] = {}
 
 
 def register(code: str, severity: Severity, title: str, cause: str, fix: str) -> None:
-    if code in CATALOG:
-        raise ValueError(f"finding code {code!r} registered twice")
-    CATALOG[code] = CodeInfo(severity, title, cause, fix)
+    info = CodeInfo(severity, title, cause, fix)
+    if CATALOG.get(code, info) != info:  # the same entry again is harmless (`python -m ...catalog`)
+        raise ValueError(f"finding code {code!r} registered twice with different meanings")
+    CATALOG[code] = info
 
 
 def make_finding(code: str, message: str, *, step: int | None = None, severity: Severity | None = None,

@@ -1,0 +1,345 @@
+"""Run-level monitors: checks computed from metric rows (the rows of metrics.jsonl).
+
+Pure and cheap. A `RunMonitor` sees one row at a time (the trainer calls `observe` on
+every row it logs) and returns only NEW findings. A condition that persists is one
+episode, reported once when it starts; it is reported again only after it has ended.
+`check_metrics(rows)` replays a whole history (the doctor, after the fact) and returns
+exactly what the calls to `observe` returned, in order.
+
+Codes: clip_saturated, loss_spike, loss_flat, overfitting, nonfinite (docs/findings.md).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from scratchlab.doctor import catalog as _catalog  # noqa: F401  (registers the codes)
+from scratchlab.doctor.findings import Finding, make_finding
+
+if TYPE_CHECKING:
+    from scratchlab.config import Config
+
+Row = dict[str, Any]
+MAD_TO_STD = 1.4826  # median absolute deviation -> standard deviation, for normal noise
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Thresholds of the monitors. Windows count logged rows unless the name says steps."""
+
+    # Steps at the start where clipping, fast loss changes and noisy evals are normal (the LR and
+    # clip-threshold warmups). Clip saturation, flatness and overfitting are judged only after it.
+    warmup_steps: int = 100
+    # clip_saturated: the trainer's clip_ratio (clipped fraction of the last clip_window_steps
+    # steps) at or above clip_ratio, once that whole window lies after the warmup. The episode
+    # ends when the ratio falls below half of it, so a ratio hovering at the threshold is one report.
+    clip_ratio: float = 0.5
+    clip_window_steps: int = 100  # = CLIP_WINDOW in train/loop.py: the window of clip_ratio
+    clip_lr_factor: float = 10.0  # median norm this many times the threshold: blame the LR, not the clip
+    # loss_spike: a train loss more than spike_z noise stds and spike_min_jump nats above the median
+    # of the last spike_level_rows rows; the noise is estimated over the last spike_window_rows rows
+    # (50 rows underestimate it often enough to flag heavy noise as a spike).
+    spike_window_rows: int = 100
+    spike_min_rows: int = 20
+    spike_level_rows: int = 5
+    spike_z: float = 6.0
+    spike_min_jump: float = 0.5  # nats: on a very smooth curve z alone flags harmless wiggles
+    # loss_flat, train: relative change below flat_rel_change across the last flat_window_steps steps,
+    # once they all lie after the warmup (median of the first fifth of the rows vs the last fifth).
+    # Steps, not rows, so that log_every does not change what it means.
+    # loss_flat, val: (max - min) / first below flat_val_rel_change over the last flat_val_evals
+    # evals. Evals run on fixed windows (no sampling noise), so a tighter tolerance still tells
+    # "stuck" from "converging slowly". Either episode ends when the change is back above twice
+    # its tolerance.
+    flat_window_steps: int = 1000
+    flat_min_rows: int = 10
+    flat_rel_change: float = 0.01
+    flat_val_evals: int = 5
+    flat_val_rel_change: float = 0.003
+    # overfitting: the last overfit_evals val losses all above the best by overfit_margin nats, the
+    # latest at least as high as the first of them, while the train loss fell by overfit_margin.
+    overfit_evals: int = 3
+    overfit_margin: float = 0.02
+
+    @classmethod
+    def from_config(cls, cfg: Config, **overrides: Any) -> MonitorConfig:
+        """Defaults, with the warmup taken from a run's config (LR and clip-threshold warmups)."""
+        warmup = max(cfg.optim.warmup_steps, cfg.train.clip.warmup_steps)
+        return cls(**{"warmup_steps": warmup, **overrides})
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _num(row: Row, key: str) -> float | None:
+    """A metric as a float; non-finite values arrive as the strings "nan" / "inf"."""
+    value = row.get(key)
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _ev(value: float) -> float | str:
+    """A number for evidence: 6 significant digits, non-finite as a string (valid JSON)."""
+    return float(f"{value:.6g}") if math.isfinite(value) else str(value)
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default method)."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _mad(values: list[float]) -> float:
+    med = statistics.median(values)
+    return statistics.median(abs(x - med) for x in values)
+
+
+def spike_z(value: float, reference: list[float], level_rows: int) -> tuple[float, float, float]:
+    """(z, level, noise) of value against the rows before it.
+
+    level: median of the last `level_rows` rows (where the curve is now). noise: the std of the
+    row-to-row noise, from the MAD of successive differences (over sqrt(2): a difference holds two
+    draws). Differences cancel the trend, so a steep early curve does not hide a spike the way
+    the MAD of the raw losses would. z is inf when the reference has no noise at all.
+    """
+    level = statistics.median(reference[-level_rows:])
+    noise = MAD_TO_STD * _mad([b - a for a, b in zip(reference, reference[1:])]) / math.sqrt(2)
+    if noise == 0:
+        return (math.inf if value > level else 0.0), level, noise
+    return (value - level) / noise, level, noise
+
+
+@dataclass
+class _Episode:
+    """A persistent condition: report when it starts, stay quiet while it lasts."""
+
+    active: bool = False
+
+    def update(self, enter: bool, stay: bool | None = None) -> bool:
+        """Returns True when an episode starts. `stay` (default: enter) keeps an active one going."""
+        was = self.active
+        self.active = enter or (was and (enter if stay is None else stay))
+        return self.active and not was
+
+
+@dataclass
+class _Eval:
+    step: int
+    val_loss: float
+    train_loss: float | None  # median of the latest train rows when the eval ran
+
+
+@dataclass
+class _Point:
+    step: int
+    loss: float
+    grad_norm: float | None
+
+
+# ---------------------------------------------------------------- the monitor
+
+
+@dataclass
+class RunMonitor:
+    config: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self._recent: deque[_Point] = deque()  # finite train rows of the last clip_window_steps steps
+        self._losses: deque[float] = deque(maxlen=c.spike_window_rows)  # finite train losses, the spike reference
+        self._flat: deque[_Point] = deque()  # finite train rows of the last flat_window_steps steps
+        self._evals: list[_Eval] = []  # finite evals
+        self._episodes: dict[str, _Episode] = {}
+
+    def observe(self, row: Row) -> list[Finding]:
+        """Findings that start at this row (train or eval row of metrics.jsonl)."""
+        step = row.get("step")
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            return []
+        step = int(step)
+        if "val_loss" in row:
+            found = self._observe_eval(step, row)
+        elif "loss" in row:
+            found = self._observe_train(step, row)
+        else:
+            return []
+        return [f for f in found if f is not None]
+
+    def _episode(self, name: str) -> _Episode:
+        return self._episodes.setdefault(name, _Episode())
+
+    # -- train rows
+
+    def _observe_train(self, step: int, row: Row) -> list[Finding | None]:
+        loss, grad_norm = _num(row, "loss"), _num(row, "grad_norm")
+        bad = row.get("nonfinite") is True or any(v is not None and not math.isfinite(v) for v in (loss, grad_norm))
+        if self._episode("nonfinite_train").update(bad):
+            return [self._nonfinite_train(step, loss, grad_norm)]
+        if bad or loss is None:
+            return []  # a skipped step: its numbers must not enter the windows
+        spike = self._check_spike(step, loss)
+        self._losses.append(loss)
+        point = _Point(step, loss, grad_norm)
+        _push(self._recent, point, self.config.clip_window_steps)
+        _push(self._flat, point, self.config.flat_window_steps)
+        return [spike, self._check_clip(step, row), self._check_train_flat(step, row)]
+
+    def _nonfinite_train(self, step: int, loss: float | None, grad_norm: float | None) -> Finding:
+        values = {k: _ev(v) for k, v in (("loss", loss), ("grad_norm", grad_norm)) if v is not None}
+        shown = ", ".join(f"{k} {v}" for k, v in values.items())
+        return make_finding("nonfinite", f"non-finite training step at step {step} ({shown}); the step was skipped",
+                            step=step, **values)
+
+    def _check_spike(self, step: int, loss: float) -> Finding | None:
+        c = self.config
+        reference = list(self._losses)
+        if len(reference) < c.spike_min_rows:
+            self._episode("loss_spike").update(False)
+            return None
+        z, level, noise = spike_z(loss, reference, c.spike_level_rows)
+        if not self._episode("loss_spike").update(z > c.spike_z and loss > level + c.spike_min_jump):
+            return None
+        return make_finding(
+            "loss_spike",
+            f"train loss {loss:.4f} at step {step} is {loss - level:.3f} nats above the median {level:.4f} "
+            f"of the previous {c.spike_level_rows} rows ({z:.1f} x the row-to-row noise {noise:.3g})",
+            step=step, loss=_ev(loss), median=_ev(level), noise=_ev(noise), z=_ev(z), window_rows=len(reference),
+        )
+
+    def _check_clip(self, step: int, row: Row) -> Finding | None:
+        c = self.config
+        ratio, threshold = _num(row, "clip_ratio"), _num(row, "clip_threshold")
+        if ratio is None or threshold is None:  # clipping off, or an older row
+            self._episode("clip_saturated").update(False)
+            return None
+        window_after_warmup = step - c.clip_window_steps >= c.warmup_steps
+        enter = window_after_warmup and ratio >= c.clip_ratio
+        if not self._episode("clip_saturated").update(enter, stay=ratio >= c.clip_ratio / 2):
+            return None
+        norms = [p.grad_norm for p in self._recent if p.grad_norm is not None]
+        median_norm = statistics.median(norms) if norms else math.nan
+        # Pre-clip norms: a threshold at their p90 clips about one step in ten.
+        suggested = quantile(norms, 0.9) if norms else math.nan
+        lr = _num(row, "lr")
+        times = median_norm / threshold if threshold > 0 else math.inf
+        if times >= c.clip_lr_factor:
+            advice = (f"norms {times:.0f}x the threshold: the learning rate{_lr_text(lr)} is likely too high; "
+                      "lower optim.lr before raising the clip")
+        else:
+            advice = (f"lower optim.lr{_lr_text(lr)} or raise train.clip.max_norm towards {suggested:.3g} "
+                      "(p90 of the pre-clip norms)")
+        return make_finding(
+            "clip_saturated",
+            f"gradient clipping fired on {ratio:.0%} of the last {c.clip_window_steps} steps at step {step} "
+            f"(median pre-clip grad norm {median_norm:.3g}, threshold {threshold:.3g}): {advice}",
+            step=step, clip_ratio=_ev(ratio), median_grad_norm=_ev(median_norm), clip_threshold=_ev(threshold),
+            suggested_threshold=_ev(suggested), lr=None if lr is None else _ev(lr), window_steps=c.clip_window_steps,
+        )
+
+    def _check_train_flat(self, step: int, row: Row) -> Finding | None:
+        c = self.config
+        if step - c.flat_window_steps < c.warmup_steps or len(self._flat) < c.flat_min_rows:
+            return None
+        window = [p.loss for p in self._flat]
+        k = len(window) // 5
+        first, last = statistics.median(window[:k]), statistics.median(window[-k:])
+        change = abs(last - first) / max(abs(first), 1e-12)
+        episode = self._episode("loss_flat_train")
+        if not episode.update(change < c.flat_rel_change, stay=change < 2 * c.flat_rel_change):
+            return None
+        lr = _num(row, "lr")
+        return make_finding(
+            "loss_flat",
+            f"train loss moved {change:.2%} over the last {c.flat_window_steps} steps "
+            f"({first:.4f} -> {last:.4f}) at step {step}, lr{_lr_text(lr)}",
+            step=step, which="train", rel_change=_ev(change), first_median=_ev(first), last_median=_ev(last),
+            window_steps=c.flat_window_steps, lr=None if lr is None else _ev(lr),
+        )
+
+    # -- eval rows
+
+    def _observe_eval(self, step: int, row: Row) -> list[Finding | None]:
+        val_loss, val_bpb = _num(row, "val_loss"), _num(row, "val_bpb")
+        bad = any(v is not None and not math.isfinite(v) for v in (val_loss, val_bpb))
+        if self._episode("nonfinite_eval").update(bad):
+            values = {k: _ev(v) for k, v in (("val_loss", val_loss), ("val_bpb", val_bpb)) if v is not None}
+            shown = ", ".join(f"{k} {v}" for k, v in values.items())
+            return [make_finding("nonfinite", f"non-finite validation loss at step {step} ({shown})",
+                                 step=step, **values)]
+        if bad or val_loss is None:
+            return []
+        recent = list(self._losses)[-10:]
+        self._evals.append(_Eval(step, val_loss, statistics.median(recent) if recent else None))
+        return [self._check_val_flat(step), self._check_overfitting(step)]
+
+    def _check_val_flat(self, step: int) -> Finding | None:
+        c = self.config
+        last = [e for e in self._evals[-c.flat_val_evals:] if e.step > c.warmup_steps]
+        if len(last) < c.flat_val_evals:
+            return None
+        values = [e.val_loss for e in last]
+        change = (max(values) - min(values)) / max(abs(values[0]), 1e-12)
+        tol = c.flat_val_rel_change
+        if not self._episode("loss_flat_val").update(change < tol, stay=change < 2 * tol):
+            return None
+        return make_finding(
+            "loss_flat",
+            f"val loss stayed within {change:.2%} over the last {len(last)} evals "
+            f"(steps {last[0].step}-{last[-1].step}, {values[0]:.4f} -> {values[-1]:.4f})",
+            step=step, which="val", rel_change=_ev(change), first_step=last[0].step,
+            val_losses=[_ev(v) for v in values],
+        )
+
+    def _check_overfitting(self, step: int) -> Finding | None:
+        c = self.config
+        evals, k = self._evals, c.overfit_evals
+        best_i = min(range(len(evals)), key=lambda i: evals[i].val_loss)
+        best, last, now = evals[best_i], evals[-k:], evals[-1]
+        enter = (
+            best_i < len(evals) - k  # the best is older than the last k evals
+            and all(e.val_loss > best.val_loss + c.overfit_margin for e in last)
+            and now.val_loss >= last[0].val_loss  # still rising, not recovering
+            and best.train_loss is not None
+            and now.train_loss is not None
+            and now.train_loss < best.train_loss - c.overfit_margin
+        )
+        # The episode lasts until a new best val loss.
+        if not self._episode("overfitting").update(enter, stay=best_i < len(evals) - 1):
+            return None
+        return make_finding(
+            "overfitting",
+            f"val loss {now.val_loss:.4f} at step {step} is above its best {best.val_loss:.4f} (step {best.step}) "
+            f"for {k} evals while the train loss fell {best.train_loss:.4f} -> {now.train_loss:.4f}; "
+            f"checkpoints/best holds the step-{best.step} weights",
+            step=step, best_val_step=best.step, best_val_loss=_ev(best.val_loss), val_loss=_ev(now.val_loss),
+            train_loss_at_best=_ev(best.train_loss), train_loss=_ev(now.train_loss), evals_above_best=k,
+        )
+
+
+def _push(window: deque[_Point], point: _Point, steps: int) -> None:
+    """Append, and drop the rows older than the last `steps` steps."""
+    window.append(point)
+    while window[0].step <= point.step - steps:
+        window.popleft()
+
+
+def _lr_text(lr: float | None) -> str:
+    return "" if lr is None else f" ({lr:.3g})"
+
+
+def check_metrics(rows: Iterable[Row], config: MonitorConfig | None = None) -> list[Finding]:
+    """Replay a whole metrics history through a fresh RunMonitor: every finding, in row order."""
+    monitor = RunMonitor(config or MonitorConfig())
+    return [finding for row in rows for finding in monitor.observe(row)]

@@ -1,0 +1,298 @@
+"""Run-level monitors on synthetic metric histories: each bug is caught with its step and
+evidence, healthy runs stay silent, a persistent condition is reported once per episode,
+and feeding rows one at a time gives exactly what replaying the history gives.
+
+`simulate` writes rows the way the trainer does: a gradient norm every step, clip_ratio
+over the last 100 steps, a train row every `log_every` steps, an eval every `eval_every`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scratchlab.config import build_config
+from scratchlab.doctor.monitors import MonitorConfig, RunMonitor, check_metrics
+
+REAL_RUN = Path(__file__).parent / "data" / "tiny_lm_metrics.jsonl"  # the tiny-lm preset, 400 steps, real
+
+
+def decaying(step: int) -> float:
+    """A from-scratch loss curve: ~8 nats at step 0, still falling by ~10% per 1000 steps at step 2000."""
+    return 2.5 + 5.5 * (1 + step / 50) ** -0.6
+
+
+def simulate(
+    max_steps: int,
+    *,
+    loss: Callable[[int], float] = decaying,
+    grad_norm: Callable[[int, random.Random], float] | None = None,
+    noise: float = 0.03,
+    threshold: float | None = 1.0,
+    lr: float = 3e-4,
+    log_every: int = 10,
+    eval_every: int = 250,
+    val: Callable[[int], float] | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    rng = random.Random(seed)
+    grad_norm = grad_norm or (lambda step, r: r.lognormvariate(math.log(0.5), 0.4))  # ~4% above 1.0
+    clip_history: deque[bool] = deque(maxlen=100)
+    rows = []
+    for step in range(1, max_steps + 1):
+        norm = grad_norm(step, rng)
+        clipped = threshold is not None and norm > threshold
+        clip_history.append(clipped)
+        if step % log_every == 0 or step == max_steps:
+            rows.append({
+                "step": step, "tokens": step * 4096, "loss": loss(step) + rng.gauss(0, noise), "lr": lr,
+                "grad_norm": norm, "clip_threshold": threshold, "clipped": clipped,
+                "clip_ratio": sum(clip_history) / len(clip_history), "tokens_per_s": 1e4,
+            })  # fmt: skip
+        if val is not None and (step % eval_every == 0 or step == max_steps):
+            rows.append({"step": step, "tokens": step * 4096, "val_loss": val(step), "val_bpb": val(step) / 2.4})
+    return rows
+
+
+def healthy_val(step: int) -> float:
+    return decaying(step) + 0.05
+
+
+def codes(findings) -> list[tuple[str, int]]:
+    return [(f.code, f.step) for f in findings]
+
+
+def train_row(rows: list[dict], step: int) -> dict:
+    return next(r for r in rows if r["step"] == step and "loss" in r)
+
+
+# ---------------------------------------------------------------- healthy runs stay silent
+
+
+def test_healthy_run_is_silent():
+    rows = simulate(3000, val=healthy_val)
+    assert 0 < max(r["clip_ratio"] for r in rows if "loss" in r) < 0.5  # some clipping, as in real runs
+    assert check_metrics(rows) == []
+
+
+def test_early_clipping_that_stops_is_silent():
+    # Clipped on every step for 80 steps (LR warmup), then healthy: clip_ratio is 0.8 at step 100.
+    rows = simulate(1500, grad_norm=lambda s, r: 2.0 if s <= 80 else 0.5, val=healthy_val)
+    assert train_row(rows, 100)["clip_ratio"] == pytest.approx(0.8)
+    assert check_metrics(rows, MonitorConfig(warmup_steps=100)) == []
+
+
+def test_real_tiny_lm_run_is_silent_with_its_warmup():
+    # The default preset clips 84% of steps around its 50-step LR warmup, then settles: silent with
+    # the warmup of its config, but the same history read without any warmup is flagged.
+    rows = [json.loads(line) for line in REAL_RUN.read_text().splitlines()]
+    cfg = build_config({"optim": {"warmup_steps": 50}})
+    assert check_metrics(rows, MonitorConfig.from_config(cfg)) == []
+    assert codes(check_metrics(rows, MonitorConfig(warmup_steps=0))) == [("clip_saturated", 100)]
+
+
+def test_short_run_is_silent():
+    rows = simulate(20, grad_norm=lambda s, r: 2.0, log_every=1, eval_every=10, val=healthy_val)
+    assert all(r["clipped"] for r in rows if "loss" in r)
+    assert check_metrics(rows) == []
+
+
+def test_monitor_config_takes_the_longer_warmup_of_a_run():
+    cfg = build_config({"optim": {"warmup_steps": 50}, "train": {"clip": {"warmup_steps": 300}}})
+    assert MonitorConfig.from_config(cfg).warmup_steps == 300
+    assert MonitorConfig.from_config(cfg, spike_z=8.0).spike_z == 8.0
+
+
+# ---------------------------------------------------------------- clip_saturated
+
+
+def test_clip_saturated_field_note_lr_too_high():
+    # Field note: clipping at 5 fired on every step with pre-clip norms ~400.
+    rows = simulate(1000, grad_norm=lambda s, r: 400 * r.lognormvariate(0, 0.1), threshold=5.0, lr=3e-3)
+    findings = check_metrics(rows, MonitorConfig(warmup_steps=100))
+    assert codes(findings) == [("clip_saturated", 200)]  # first step whose 100-step window is after warmup
+    f = findings[0]
+    window = [r["grad_norm"] for r in rows if 100 < r["step"] <= 200]  # the logged rows of (100, 200]
+    ev = f.evidence
+    assert f.severity == "warning"
+    assert ev["clip_ratio"] == 1.0 and ev["clip_threshold"] == 5.0 and ev["lr"] == 3e-3
+    assert ev["median_grad_norm"] == pytest.approx(np.median(window), rel=1e-5)
+    assert ev["suggested_threshold"] == pytest.approx(np.percentile(window, 90), rel=1e-5)
+    assert 350 < ev["median_grad_norm"] < 450
+    assert f"{np.median(window) / 5:.0f}x the threshold: the learning rate (0.003) is likely too high" in f.message
+
+
+def test_clip_saturated_moderate_suggests_raising_the_threshold():
+    # Norms just above the threshold on 70% of steps: raising the clip is a fair fix.
+    rows = simulate(600, grad_norm=lambda s, r: 1.2 + 0.3 * r.random() if r.random() < 0.7 else 0.6)
+    [f] = check_metrics(rows, MonitorConfig(warmup_steps=100))
+    window = [r["grad_norm"] for r in rows if 100 < r["step"] <= f.step]
+    assert f.evidence["clip_ratio"] >= 0.5
+    assert 1.2 < f.evidence["suggested_threshold"] == pytest.approx(np.percentile(window, 90), rel=1e-5)
+    assert f"raise train.clip.max_norm towards {f.evidence['suggested_threshold']:.3g}" in f.message
+
+
+def test_clip_saturated_once_per_episode():
+    saturated = lambda s, r: 3.0 if 100 < s <= 600 or 1200 < s <= 1800 else 0.5  # noqa: E731
+    rows = simulate(2400, grad_norm=saturated)
+    # Episode 1 starts at 200 and ends once clip_ratio < 0.25 (step 680); episode 2: ratio 0.5 at 1250.
+    assert codes(check_metrics(rows, MonitorConfig(warmup_steps=100))) == [("clip_saturated", 200),
+                                                                          ("clip_saturated", 1250)]
+
+
+def test_clip_saturated_needs_clipping_on():
+    rows = simulate(600, grad_norm=lambda s, r: 400.0, threshold=None)
+    assert check_metrics(rows) == []
+
+
+# ---------------------------------------------------------------- loss_spike
+
+
+def test_loss_spike_reported_with_robust_z():
+    rows = simulate(2000, val=healthy_val)
+    spiked = train_row(rows, 1500)
+    spiked["loss"] += 2.0
+    findings = check_metrics(rows)
+    assert codes(findings) == [("loss_spike", 1500)]
+    before = np.array([r["loss"] for r in rows if "loss" in r and r["step"] < 1500][-100:])
+    level = np.median(before[-5:])
+    diffs = np.diff(before)
+    noise = 1.4826 * np.median(np.abs(diffs - np.median(diffs))) / math.sqrt(2)
+    ev = findings[0].evidence
+    assert ev["loss"] == pytest.approx(spiked["loss"], rel=1e-5)
+    assert ev["median"] == pytest.approx(level, rel=1e-5)
+    assert ev["noise"] == pytest.approx(noise, rel=1e-5)
+    assert ev["noise"] == pytest.approx(0.03, rel=0.3)  # the simulated noise, despite the falling curve
+    assert ev["z"] == pytest.approx((spiked["loss"] - level) / noise, rel=1e-4)
+    assert ev["window_rows"] == 100
+
+
+def test_loss_spike_caught_on_the_steep_early_curve():
+    # The 29 rows before step 300 fall from 7.5 to 4.3 nats: a z against their median / MAD is
+    # about 0.4 for a 1-nat spike (the trend inflates the MAD); successive differences cancel it.
+    rows = simulate(1000)
+    train_row(rows, 300)["loss"] += 1.0
+    assert codes(check_metrics(rows)) == [("loss_spike", 300)]
+
+
+def test_loss_spike_lasting_several_rows_is_one_episode():
+    rows = simulate(2000)
+    for step in (1500, 1510, 1520, 1800):
+        train_row(rows, step)["loss"] += 3.0
+    assert codes(check_metrics(rows)) == [("loss_spike", 1500), ("loss_spike", 1800)]
+
+
+def test_small_jump_on_a_smooth_curve_is_not_a_spike():
+    rows = simulate(1000, noise=0.001)
+    train_row(rows, 800)["loss"] += 0.3  # z is huge, but 0.3 nats is below spike_min_jump
+    assert check_metrics(rows) == []
+
+
+# ---------------------------------------------------------------- loss_flat
+
+
+def test_train_loss_flat_with_tiny_lr():
+    rows = simulate(3000, loss=lambda s: 5.0, noise=0.01, lr=1e-7)
+    findings = check_metrics(rows, MonitorConfig(warmup_steps=100))
+    # The first 1000-step window after the warmup is (100, 1100]; reported once.
+    assert codes(findings) == [("loss_flat", 1100)]
+    ev = findings[0].evidence
+    assert ev["which"] == "train" and ev["lr"] == 1e-7 and ev["window_steps"] == 1000
+    assert ev["rel_change"] < 0.01
+    assert ev["first_median"] == pytest.approx(5.0, abs=0.01) and ev["last_median"] == pytest.approx(5.0, abs=0.01)
+
+
+def test_val_loss_flat_while_train_falls():
+    vals = {250: 4.0, 500: 3.6, 750: 3.5, 1000: 3.502, 1250: 3.499, 1500: 3.501, 1750: 3.5}
+    rows = simulate(1750, val=lambda s: vals[s])
+    findings = check_metrics(rows)
+    assert codes(findings) == [("loss_flat", 1750)]  # the first 5 evals in a row within 0.3%
+    ev = findings[0].evidence
+    assert ev["which"] == "val" and ev["first_step"] == 750
+    assert ev["val_losses"] == [3.5, 3.502, 3.499, 3.501, 3.5]
+    assert ev["rel_change"] == pytest.approx(0.003 / 3.5, rel=1e-4)
+
+
+# ---------------------------------------------------------------- overfitting
+
+
+def test_overfitting_val_rises_while_train_falls():
+    vals = {250: 4.0, 500: 3.5, 750: 3.3, 1000: 3.33, 1250: 3.36, 1500: 3.40, 1750: 3.45, 2000: 3.5}
+    rows = simulate(2000, noise=0.0, val=lambda s: vals[s])
+    findings = check_metrics(rows)
+    assert codes(findings) == [("overfitting", 1500)]  # third eval above the best; once per episode
+    ev = findings[0].evidence
+    assert ev["best_val_step"] == 750 and ev["best_val_loss"] == 3.3 and ev["val_loss"] == 3.4
+    assert ev["evals_above_best"] == 3
+    # Train loss: median of the 10 train rows up to each eval (noise-free curve).
+    assert ev["train_loss_at_best"] == pytest.approx((decaying(700) + decaying(710)) / 2, rel=1e-5)
+    assert ev["train_loss"] == pytest.approx((decaying(1450) + decaying(1460)) / 2, rel=1e-5)
+
+
+def test_noisy_but_improving_val_is_not_overfitting():
+    vals = {250: 4.0, 500: 3.5, 750: 3.3, 1000: 3.31, 1250: 3.29, 1500: 3.30, 1750: 3.28, 2000: 3.27}
+    rows = simulate(2000, val=lambda s: vals[s])
+    assert check_metrics(rows) == []
+
+
+def test_val_rising_with_train_not_falling_is_not_overfitting():
+    vals = {250: 4.0, 500: 3.5, 750: 3.3, 1000: 3.35, 1250: 3.40, 1500: 3.45, 1750: 3.5}
+    rows = simulate(1750, loss=lambda s: 3.2 + s / 10_000, val=lambda s: vals[s])  # train slowly rising
+    assert "overfitting" not in {f.code for f in check_metrics(rows)}
+
+
+# ---------------------------------------------------------------- nonfinite
+
+
+def nan_row(step: int) -> dict:
+    return {"step": step, "tokens": step * 4096, "loss": "nan", "lr": 3e-4, "grad_norm": "inf",
+            "clip_threshold": 1.0, "clipped": False, "clip_ratio": 0.0, "tokens_per_s": 1e4, "nonfinite": True}
+
+
+def test_nonfinite_rows_are_errors_once_per_episode():
+    rows = simulate(500, log_every=1, eval_every=100, val=healthy_val)
+    for i, row in enumerate(rows):
+        if "loss" in row and row["step"] in (57, 58, 59, 300):
+            rows[i] = nan_row(row["step"])
+        if "val_loss" in row and row["step"] == 400:
+            row["val_loss"] = "inf"
+    train_row(rows, 120)["loss"] += 2.0  # a spike just after the NaN rows, with them in the window
+    findings = check_metrics(rows)
+    # The NaN rows do not hide a spike right after them, nor raise spikes of their own.
+    assert codes(findings) == [("nonfinite", 57), ("loss_spike", 120), ("nonfinite", 300), ("nonfinite", 400)]
+    assert findings[1].evidence["noise"] == pytest.approx(0.03, rel=0.3)
+    assert [f.severity for f in findings] == ["error", "warning", "error", "error"]
+    assert findings[0].evidence == {"loss": "nan", "grad_norm": "inf"}
+    assert "step 57" in findings[0].message
+    assert findings[3].evidence["val_loss"] == "inf"
+
+
+def test_nonfinite_flag_alone_is_caught():
+    rows = simulate(100, log_every=1)
+    rows[40]["nonfinite"] = True  # finite-looking numbers, but the trainer skipped the step
+    assert codes(check_metrics(rows)) == [("nonfinite", 41)]
+
+
+# ---------------------------------------------------------------- incremental == replay
+
+
+def test_observe_row_by_row_equals_replay():
+    rows = simulate(3000, grad_norm=lambda s, r: 3.0 if 1000 < s <= 1600 else 0.5, val=healthy_val)
+    train_row(rows, 500)["loss"] += 3.0
+    rows[rows.index(train_row(rows, 2000))] = nan_row(2000)
+    rows.append({"step": 3000})  # a row of neither kind is ignored
+    monitor = RunMonitor(MonitorConfig(warmup_steps=100))
+    incremental = []
+    for row in rows:
+        new = monitor.observe(row)
+        assert all(f.step == row["step"] for f in new)  # reported at the row that starts it, not later
+        incremental += new
+    assert codes(incremental) == [("loss_spike", 500), ("clip_saturated", 1050), ("nonfinite", 2000)]
+    assert incremental == check_metrics(rows, MonitorConfig(warmup_steps=100))
