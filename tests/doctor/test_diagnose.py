@@ -131,14 +131,15 @@ def test_recorded_preflight_findings_are_merged(tmp_path, capsys):
     ])
     findings = diagnose(run).findings
     assert [(f.code, f.step) for f in findings] == [  # errors first, then by step, then by code
-        ("causal_leak", None), ("nonfinite", 57), ("dead_params", None), ("dead_params", None), ("init_loss_high", None)]
+        ("causal_leak", None), ("nonfinite", 57), ("run_crashed", 59), ("dead_params", None), ("dead_params", None),
+        ("init_loss_high", None)]
     assert findings[1].evidence["parameters"] == params
     code, out = doctor(capsys, run)
     assert code == 1
     assert "ERROR   causal_leak\n  output 3 depends on input 5" in out
     assert "evidence: output_pos=3, input_pos=5" in out
     assert f"fix: {CATALOG['init_loss_high'].fix}" in out
-    assert "error: 2, warning: 3" in out
+    assert "error: 3, warning: 3" in out
 
 
 def test_json_output(tmp_path, capsys):
@@ -152,9 +153,10 @@ def test_json_output(tmp_path, capsys):
     report = json.loads(out, parse_constant=no_constants)  # NaN is written as "nan", as in metrics.jsonl
     assert set(report) == {"run_dir", "ok", "facts", "counts", "findings"}
     assert report["run_dir"] == str(run) and report["ok"] is False
-    assert report["counts"] == {"error": 1, "warning": 0, "info": 0}
+    assert report["counts"] == {"error": 2, "warning": 0, "info": 0}  # nonfinite + run_crashed
     assert report["facts"]["status"] == "crashed" and report["facts"]["last_train_loss"] == "nan"
-    [finding] = report["findings"]
+    finding, crashed = report["findings"]
+    assert crashed["code"] == "run_crashed" and "TrainingDiverged" in crashed["evidence"]["error"]
     assert finding["code"] == "nonfinite" and finding["severity"] == "error" and finding["step"] == 57
     assert finding["evidence"] == {"loss": "nan", "grad_norm": "nan"}
     assert finding["fix"] == CATALOG["nonfinite"].fix and finding["title"] == CATALOG["nonfinite"].title

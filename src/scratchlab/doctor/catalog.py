@@ -76,6 +76,9 @@ register("entropy_collapse", "warning", "Output entropy collapsed",
 register("logit_growth", "warning", "Logits keep growing",
          "Output (or attention) logits grow without bound, a precursor of loss spikes and NaN.",
          "Add QK-norm or logit soft-capping, z-loss, or lower the LR.")
+register("run_crashed", "error", "The run crashed",
+         "An exception stopped training (status.json holds it); metrics and checkpoints up to then are intact.",
+         "Read the error and train.log; fix the cause, then `scratchlab train --resume RUN` from the last checkpoint.")
 register("moe_imbalance", "warning", "Mixture-of-experts load is imbalanced",
          "The router sends most tokens to a few experts; the others do not learn.",
          "Raise the load-balance loss coefficient or use bias-based (aux-loss-free) balancing.")

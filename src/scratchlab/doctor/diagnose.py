@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from scratchlab.config import Config, build_config, read_source
-from scratchlab.doctor.findings import CATALOG, SEVERITY_ORDER, Finding, read_findings, sort_findings
+from scratchlab.doctor.findings import CATALOG, SEVERITY_ORDER, Finding, make_finding, read_findings, sort_findings
 from scratchlab.doctor.monitors import MonitorConfig, check_metrics
 from scratchlab.errors import UserError
 from scratchlab.runs import RunDir, read_metrics
@@ -49,6 +49,12 @@ def diagnose(run_dir: str | Path) -> Diagnosis:
     cfg, config_error = _read_config(run)
     monitor_cfg = MonitorConfig.from_config(cfg) if cfg is not None else MonitorConfig()
     findings = merge_findings(read_findings(run.path / FINDINGS_FILE), check_metrics(rows, monitor_cfg))
+    status = run.status()
+    if status.get("status") == "crashed":
+        findings = sort_findings([*findings, make_finding(
+            "run_crashed", f"the run crashed at step {status.get('step', '?')}: {status.get('error', 'unknown error')}",
+            step=status.get("step"), error=status.get("error"),
+        )])
     facts = run_facts(run, rows, cfg)
     if config_error:
         facts["config_error"] = config_error
