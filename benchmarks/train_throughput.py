@@ -64,14 +64,14 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-Operands = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a, b and the output buffer of a matmul
-
 from scratchlab.config import Config, load_config
 from scratchlab.errors import UserError
 from scratchlab.loss import token_loss
 from scratchlab.models import build_model
 from scratchlab.train.loop import autocast, cpu_has_fast_bf16, resolve_device, resolve_precision
 from scratchlab.train.optim import build_optimizer, clip_threshold_at
+
+Operands = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a, b and the output buffer of a matmul
 
 DEFAULT_VOCAB = 4096
 PRECISIONS = ("fp32", "bf16")

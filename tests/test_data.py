@@ -120,3 +120,20 @@ def test_truncated_shard_is_detected(tmp_path, corpus):
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(UserError, match="truncated"):
         open_text_data(out)
+
+
+def test_window_dataset_modes():
+    from scratchlab.data.windows import WindowDataset
+
+    tokens = np.arange(1000, dtype=np.uint16)
+    fixed = WindowDataset(tokens, 10, "fixed")
+    assert len(fixed) == 99
+    item = fixed[3]
+    assert item["window_start"] == 30 and item["input_ids"].tolist() == list(range(30, 40))
+    assert item["labels"].tolist() == list(range(31, 41)) and item["clip_len"] == 1000
+    assert fixed[3]["window_start"] == 30  # the same every time
+    rand = WindowDataset(tokens, 10, "random", seed=1)
+    starts = {rand[0]["window_start"] for _ in range(20)}
+    assert len(starts) > 10  # a fresh crop per access
+    with pytest.raises(IndexError):
+        fixed[99]

@@ -17,6 +17,7 @@ import scratchlab.train.loop as loop
 from scratchlab.cli import main
 from scratchlab.config import ClipConfig, OptimConfig, load_config
 from scratchlab.data.text import open_text_data
+from scratchlab.models import TransformerLM
 from scratchlab.doctor import read_findings
 from scratchlab.runs.metrics import read_metrics
 from scratchlab.train import load_run_model, train
@@ -243,3 +244,25 @@ def test_monitors_record_findings_while_training(data_dir, tmp_path):
     assert (saturated.code, saturated.step) == ("clip_saturated", 102)
     assert saturated.evidence["clip_ratio"] == 1.0 and saturated.evidence["clip_threshold"] == 1e-6
     assert "clip_saturated" in (run / "train.log").read_text()
+
+
+class LeakyLM(TransformerLM):
+    """Adds the mean over time to every position: the output at t sees tokens after t."""
+
+    def forward(self, input_ids, cache=None):
+        logits = super().forward(input_ids, cache)
+        return logits + logits.mean(dim=1, keepdim=True)
+
+
+def test_preflight_refuses_a_leaky_model_unless_allowed(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "build_model", LeakyLM)
+    code = main(["train", *tiny_overrides(data_dir, tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert code == 2 and "preflight found 1 error(s), first: causal_leak" in err and "doctor.allow_errors" in err
+    assert not (tmp_path / "refused").exists()  # no run dir for a run that never started
+    result = run_tiny(data_dir, tmp_path / "allowed", doctor__allow_errors="true")
+    (leak,) = [f for f in read_findings(result.run_dir / "findings.jsonl") if f.code == "causal_leak"]
+    assert leak.severity == "error" and leak.evidence
+    monkeypatch.undo()
+    healthy = run_tiny(data_dir, tmp_path / "healthy", train__max_steps=1).run_dir
+    assert not [f for f in read_findings(healthy / "findings.jsonl") if f.severity != "info"]

@@ -75,3 +75,31 @@ def get_batch(
         len(tokens), seq_len, batch_size, mode, generator=generator, batch_index=batch_index, count=count
     )
     return make_windows(tokens, starts, seq_len)
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """A token stream's windows as a map-style Dataset (one sample per item, for the doctor and DataLoaders).
+
+    ``random`` mode draws a fresh start on every access (a random crop); ``fixed`` maps index i to
+    the i-th non-overlapping window. Items carry ``window_start`` and ``clip_len`` so that checks
+    can tell a random crop from a constant one.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, mode: WindowMode, seed: int = 0) -> None:
+        self.tokens, self.seq_len, self.mode = tokens, seq_len, mode
+        self.generator = torch.Generator().manual_seed(seed)
+        window_starts(len(tokens), seq_len, 1, "fixed")  # fails clearly if the stream is too short
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if self.mode == "random":
+            starts = window_starts(len(self.tokens), self.seq_len, 1, "random", generator=self.generator)
+        else:
+            starts = np.array([index * self.seq_len])
+        window = make_windows(self.tokens, starts, self.seq_len)
+        return {"input_ids": window["input_ids"][0], "labels": window["labels"][0],
+                "window_start": int(starts[0]), "clip_len": len(self.tokens)}

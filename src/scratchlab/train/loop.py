@@ -25,8 +25,8 @@ from torch import nn
 
 from scratchlab.config import Config, build_config, deep_merge, parse_overrides, read_source, to_yaml
 from scratchlab.data.text import TextData, load_tokenizer, open_text_data, prepare_stdlib
-from scratchlab.data.windows import get_batch
-from scratchlab.doctor.findings import Finding, make_finding, write_findings
+from scratchlab.data.windows import WindowDataset, get_batch
+from scratchlab.doctor.findings import Finding, make_finding, sort_findings, write_findings
 from scratchlab.doctor.monitors import MonitorConfig, RunMonitor
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, token_loss
@@ -518,6 +518,34 @@ class Trainer:
 # ---------------------------------------------------------------- entry points
 
 
+PREFLIGHT_SAMPLES = 4  # enough for the batch checks; keeps preflight to seconds on a CPU
+
+
+def run_preflight(trainer: Trainer, reporter: Reporter) -> list[Finding]:
+    """The doctor's checks on the real model and the real first batch, before step 0.
+
+    Errors stop the run (a UserError listing them) unless ``doctor.allow_errors`` is set.
+    """
+    from scratchlab.doctor.preflight import preflight
+
+    cfg = trainer.cfg
+    batch = {k: v[:PREFLIGHT_SAMPLES].to(trainer.device) for k, v in trainer.first_batch().items()}
+    dataset = WindowDataset(trainer.data.train, cfg.train.seq_len, "random", seed=cfg.train.seed)
+    started = time.perf_counter()
+    findings = sort_findings(preflight(trainer.model, batch, dataset=dataset, overfit_steps=cfg.doctor.overfit_steps))
+    errors = [f for f in findings if f.severity == "error"]
+    warnings = [f for f in findings if f.severity == "warning"]
+    reporter.info(f"preflight: {len(errors)} errors, {len(warnings)} warnings ({time.perf_counter() - started:.1f} s)")
+    for f in findings:
+        reporter.info(f"  {f}", style={"error": "bold red", "warning": "yellow"}.get(f.severity))
+    if errors and not cfg.doctor.allow_errors:
+        raise UserError(
+            f"preflight found {len(errors)} error(s), first: {errors[0].code}: {errors[0].message}; fix the model or "
+            "data (see docs/findings.md), or set doctor.allow_errors=true to train anyway"
+        )
+    return findings
+
+
 def _print_summary(console: Console, result: TrainResult, demo_text: str | None) -> None:
     table = Table(title=f"run {result.status}", show_header=False)
     for label, value in [
@@ -572,8 +600,10 @@ def train(
     # Build (and for a resume, restore) everything before touching the run dir, so a
     # failure here leaves no empty run dir and never alters an existing run's record.
     trainer = Trainer(cfg, run, data, reporter, resume_from=ckpt)
+    checked = run_preflight(trainer, reporter) if ckpt is None and cfg.doctor.preflight else []
     if run is None:
         run = trainer.run = RunDir.create(cfg.train.out_dir, cfg.train.name)
+        write_findings(run.path / "findings.jsonl", checked)
         run.config_file.write_text(to_yaml(cfg))
         shutil.copyfile(data.root / "tokenizer.json", run.tokenizer_file)
         run.write_json("data.json", {"path": str(data.root), **data.meta})
