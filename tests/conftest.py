@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from scratchlab.data.text import prepare_text, stdlib_files
 
@@ -13,6 +14,16 @@ from scratchlab.data.text import prepare_text, stdlib_files
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Nothing in the tests may write to the user's ~/.cache.
     monkeypatch.setenv("SCRATCHLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Test models are tiny: threads gain nothing, and on a shared 2-core machine two OpenMP
+    # threads competing with another process run ~50x slower (spin-waits).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def small_corpus(n_docs: int = 60, max_chars: int = 4000) -> list[str]:

@@ -29,16 +29,6 @@ from scratchlab.models import build_model
 V, T, B = 64, 32, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine two OpenMP threads
-    # competing with another process run ~50x slower (spin-waits): keep the timings meaningful.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- helpers
 
 

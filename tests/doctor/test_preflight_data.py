@@ -29,15 +29,6 @@ V, T, B = 64, 32, 4
 PREFLIGHT = Path(__file__).resolve().parents[2] / "src" / "scratchlab" / "doctor" / "preflight.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a shared 2-core machine, two OpenMP threads competing with another process crawl.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lm() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=V, max_seq_len=64))
