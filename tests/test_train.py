@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -61,6 +60,10 @@ def test_run_dir_and_metrics_contract(data_dir, tmp_path):
     assert [r["step"] for r in eval_rows] == [4, 8]
     assert all(math.isfinite(r["val_loss"]) and 0 < r["val_bpb"] < 20 for r in eval_rows)
     assert result.val_loss == eval_rows[-1]["val_loss"]
+    # Model internals for the doctor: update/weight ratio per param group, output entropy and logit size.
+    assert all(0 < r["update_ratio"] < 1 and 0 < r["update_ratio_vectors"] < 1 for r in train_rows)
+    vocab = open_text_data(data_dir).vocab_size
+    assert all(0 < r["val_entropy"] < math.log(vocab) and 0 < r["val_logit_max"] < 100 for r in eval_rows)
     # Schedules recorded as configured: warmup to 3e-3 over 2 steps, then cosine.
     assert train_rows[0]["lr"] == pytest.approx(1.5e-3) and train_rows[1]["lr"] == pytest.approx(3e-3)
     # keep_last=2 step checkpoints + best
@@ -206,6 +209,10 @@ def test_bits_per_byte_of_a_uniform_model(data_dir):
 
     val_loss, val_bpb = loop.evaluate(Uniform(), data.val, data.token_bytes, 32, 4, 2, torch.device("cpu"))
     assert val_loss == pytest.approx(math.log(data.vocab_size))
+    stats = {}
+    assert loop.evaluate(Uniform(), data.val, data.token_bytes, 32, 4, 2, torch.device("cpu"), stats=stats) == (
+        val_loss, val_bpb)
+    assert stats == {"val_entropy": pytest.approx(math.log(data.vocab_size)), "val_logit_max": 0.0}
     # bits/byte = (targets that are text) x log2(V) / (their bytes)
     from scratchlab.data.windows import get_batch
 
@@ -244,6 +251,16 @@ def test_monitors_record_findings_while_training(data_dir, tmp_path):
     assert (saturated.code, saturated.step) == ("clip_saturated", 102)
     assert saturated.evidence["clip_ratio"] == 1.0 and saturated.evidence["clip_threshold"] == 1e-6
     assert "clip_saturated" in (run / "train.log").read_text()
+
+
+def test_update_ratio_recorded_for_a_far_too_high_lr(data_dir, tmp_path):
+    # lr 0.3 with clipping off: every step moves the matrices by a large fraction of their norm.
+    run = run_tiny(data_dir, tmp_path, optim__lr=0.3, train__clip__max_norm=0, train__max_steps=12,
+                   eval__every=1000, demo__every=1000, train__save_every=1000).run_dir
+    findings = [f for f in read_findings(run / "findings.jsonl") if f.code == "update_ratio"]
+    assert len(findings) == 1 and findings[0].step == 5  # warmup 2 steps, then 3 logged rows in a row
+    ev = findings[0].evidence
+    assert ev["direction"] == "high" and ev["update_ratio"] > 0.1 and ev["lr"] > 0.2
 
 
 class LeakyLM(TransformerLM):

@@ -296,3 +296,81 @@ def test_observe_row_by_row_equals_replay():
         incremental += new
     assert codes(incremental) == [("loss_spike", 500), ("clip_saturated", 1050), ("nonfinite", 2000)]
     assert incremental == check_metrics(rows, MonitorConfig(warmup_steps=100))
+
+
+# ---------------------------------------------------------------- model internals: update ratio, entropy, logits
+
+
+def with_key(rows: list[dict], key: str, value: Callable[[int], float], kind: str = "loss") -> list[dict]:
+    """Add an optional metric to the train rows (kind="loss") or eval rows (kind="val_loss")."""
+    for row in rows:
+        if kind in row:
+            row[key] = value(row["step"])
+    return rows
+
+
+def test_update_ratio_too_high_after_warmup():
+    # Healthy ratio (tiny-lm measures ~0.025 at lr 3e-3), then 10x too high from step 500 on.
+    rows = with_key(simulate(1000, lr=3e-3), "update_ratio", lambda s: 0.02 if s < 500 else 0.4)
+    with_key(rows, "update_ratio_vectors", lambda s: 1e-3)
+    findings = check_metrics(rows, MonitorConfig(warmup_steps=100))
+    assert codes(findings) == [("update_ratio", 520)]  # 3rd logged row in a row above the bound; once
+    f = findings[0]
+    assert f.severity == "warning" and "above" in f.message
+    assert f.evidence == {"update_ratio": 0.4, "lr": 3e-3, "update_ratio_vectors": 1e-3, "direction": "high",
+                          "bound": 0.1, "rows": 3}
+
+
+def test_update_ratio_too_low_while_lr_is_high():
+    rows = with_key(simulate(600, lr=3e-4), "update_ratio", lambda s: 1e-7)  # e.g. frozen weights
+    findings = check_metrics(rows, MonitorConfig(warmup_steps=100))
+    assert codes(findings) == [("update_ratio", 130)]
+    assert findings[0].evidence["direction"] == "low" and findings[0].evidence["update_ratio"] == 1e-7
+
+
+def test_update_ratio_silent_when_healthy_in_warmup_or_at_the_schedule_end():
+    # High only during the warmup, then healthy, then ~0 while the lr decays to zero: silent.
+    rows = simulate(1000, lr=3e-3)
+    for row in rows:
+        if "loss" in row:
+            s = row["step"]
+            row["lr"] = 3e-3 if s < 800 else 3e-3 * (1000 - s) / 2000  # < 10% of the peak from step 800
+            row["update_ratio"] = 0.5 if s <= 100 else (0.02 if s < 800 else 1e-7)
+    assert check_metrics(rows, MonitorConfig(warmup_steps=100)) == []
+    # Rows without the key (older runs) are silent too, and an isolated high row is not a streak.
+    assert check_metrics(simulate(1000), MonitorConfig(warmup_steps=100)) == []
+    rows = with_key(simulate(1000), "update_ratio", lambda s: 0.5 if s % 50 == 0 else 0.02)
+    assert check_metrics(rows, MonitorConfig(warmup_steps=100)) == []
+
+
+def test_entropy_collapse_near_certain_but_wrong():
+    rows = with_key(simulate(2000, val=healthy_val), "val_entropy",
+                    lambda s: 0.9 * healthy_val(s) if s < 1500 else 0.05, kind="val_loss")
+    findings = check_metrics(rows)
+    assert codes(findings) == [("entropy_collapse", 1500)]  # once, while it lasts
+    ev = findings[0].evidence
+    assert ev["val_entropy"] == 0.05 and ev["val_loss"] == pytest.approx(healthy_val(1500), rel=1e-5)
+
+
+def test_low_entropy_of_a_model_that_is_right_is_not_collapse():
+    rows = with_key(simulate(1000, val=lambda s: 0.1), "val_entropy", lambda s: 0.08, kind="val_loss")
+    assert check_metrics(rows) == []
+
+
+def test_logit_growth_steady_and_large():
+    maxes = {250: 8.0, 500: 12.0, 750: 14.0, 1000: 16.0, 1250: 25.0, 1500: 45.0, 1750: 90.0, 2000: 95.0}
+    rows = with_key(simulate(2000, val=healthy_val), "val_logit_max", lambda s: maxes[s], kind="val_loss")
+    findings = check_metrics(rows)
+    assert codes(findings) == [("logit_growth", 1500)]  # 16 -> 25 -> 45: 2.8x and above 30; one episode
+    ev = findings[0].evidence
+    assert ev["val_logit_maxes"] == [16.0, 25.0, 45.0] and ev["first_step"] == 1000 and ev["level"] == 30.0
+    assert ev["val_logit_max"] == 45.0
+
+
+def test_logit_growth_silent_when_healthy_or_not_rising():
+    healthy = {250: 4.0, 500: 9.0, 750: 16.0, 1000: 20.0, 1250: 22.0, 1500: 23.0}  # 2x+ early, but small
+    rows = with_key(simulate(1500, val=healthy_val), "val_logit_max", lambda s: healthy[s], kind="val_loss")
+    assert check_metrics(rows) == []
+    bumpy = {250: 20.0, 500: 50.0, 750: 40.0, 1000: 45.0, 1250: 44.0, 1500: 46.0}  # large but not growing
+    rows = with_key(simulate(1500, val=healthy_val), "val_logit_max", lambda s: bumpy[s], kind="val_loss")
+    assert check_metrics(rows) == []

@@ -6,7 +6,9 @@ episode, reported once when it starts; it is reported again only after it has en
 `check_metrics(rows)` replays a whole history (the doctor, after the fact) and returns
 exactly what the calls to `observe` returned, in order.
 
-Codes: clip_saturated, loss_spike, loss_flat, overfitting, nonfinite (docs/findings.md).
+Codes: clip_saturated, loss_spike, loss_flat, overfitting, nonfinite, update_ratio (train rows),
+entropy_collapse, logit_growth (eval rows) (docs/findings.md). The last three read optional keys
+(update_ratio, val_entropy, val_logit_max): rows without them, as in older runs, are skipped.
 """
 
 from __future__ import annotations
@@ -65,6 +67,32 @@ class MonitorConfig:
     # latest at least as high as the first of them, while the train loss fell by overfit_margin.
     overfit_evals: int = 3
     overfit_margin: float = 0.02
+    # update_ratio: the matrices' update/weight ratio ||dW|| / ||W|| of the optimizer step above
+    # update_ratio_high, or below update_ratio_low, on update_ratio_rows logged rows in a row after
+    # the warmup. The rule of thumb is ~1e-3, but AdamW at the high LRs of small models settles
+    # near sqrt(2 lr wd): the tiny-lm preset (lr 3e-3, wd 0.1) measured 0.026 at its peak (end of
+    # warmup) falling to 0.0026 at the end, so the high bound sits 4x above that. A far too high LR
+    # shows as ratios of 0.2-1 right after the warmup; they fall back once the weights have grown,
+    # so the check is on a short streak. Low is judged only while the lr is at least
+    # update_ratio_lr_frac of its peak so far: a schedule decaying to 0 is meant to stop updates.
+    # The episode ends when a row is back inside the bounds.
+    update_ratio_high: float = 0.1
+    update_ratio_low: float = 1e-5
+    update_ratio_lr_frac: float = 0.1
+    update_ratio_rows: int = 3
+    # entropy_collapse: mean output entropy at eval below entropy_floor nats AND below
+    # entropy_loss_frac x the val loss: the model is near-certain but still wrong (a model that is
+    # certain and right has a low loss too). A calibrated model's entropy tracks its loss: the
+    # tiny-lm preset measured 5.7 -> 4.7 nats for val losses 5.5 -> 4.5.
+    entropy_floor: float = 0.5
+    entropy_loss_frac: float = 0.25
+    # logit_growth: the mean per-window max |logit| at eval grew logit_growth_factor x over the last
+    # logit_growth_evals evals after the warmup, rising at each, and is above logit_level (healthy
+    # early growth from the small initial logits stays below it: the tiny-lm preset measured
+    # 9.6 -> 11.8). The episode lasts while it stays above logit_level.
+    logit_growth_evals: int = 3
+    logit_growth_factor: float = 2.0
+    logit_level: float = 30.0
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides: Any) -> MonitorConfig:
@@ -161,6 +189,9 @@ class RunMonitor:
         self._losses: deque[float] = deque(maxlen=c.spike_window_rows)  # finite train losses, the spike reference
         self._flat: deque[_Point] = deque()  # finite train rows of the last flat_window_steps steps
         self._evals: list[_Eval] = []  # finite evals
+        self._ratio_streak = 0  # consecutive rows past the warmup with the update ratio out of range (+ high, - low)
+        self._peak_lr = 0.0  # the highest lr of the train rows so far
+        self._logit_max: deque[tuple[int, float]] = deque(maxlen=c.logit_growth_evals)  # (step, val_logit_max)
         self._episodes: dict[str, _Episode] = {}
 
     def observe(self, row: Row) -> list[Finding]:
@@ -194,7 +225,8 @@ class RunMonitor:
         point = _Point(step, loss, grad_norm)
         _push(self._recent, point, self.config.clip_window_steps)
         _push(self._flat, point, self.config.flat_window_steps)
-        return [spike, self._check_clip(step, row), self._check_train_flat(step, row)]
+        return [spike, self._check_clip(step, row), self._check_train_flat(step, row),
+                self._check_update_ratio(step, row)]
 
     def _nonfinite_train(self, step: int, loss: float | None, grad_norm: float | None) -> Finding:
         values = {k: _ev(v) for k, v in (("loss", loss), ("grad_norm", grad_norm)) if v is not None}
@@ -268,6 +300,45 @@ class RunMonitor:
             window_steps=c.flat_window_steps, lr=None if lr is None else _ev(lr),
         )
 
+    def _check_update_ratio(self, step: int, row: Row) -> Finding | None:
+        c = self.config
+        ratio, lr = _num(row, "update_ratio"), _num(row, "lr")
+        if lr is not None and math.isfinite(lr):
+            self._peak_lr = max(self._peak_lr, lr)
+        if ratio is None or not math.isfinite(ratio):
+            return None  # not measured on this row (older run, skipped step): the streak is unchanged
+        lr_high = lr is not None and lr > 0 and lr >= c.update_ratio_lr_frac * self._peak_lr
+        side = 0
+        if step > c.warmup_steps:
+            if ratio > c.update_ratio_high:
+                side = 1
+            elif ratio < c.update_ratio_low and lr_high:
+                side = -1
+        # A streak counts rows on one side; crossing from high to low starts a new one.
+        if side == 0:
+            self._ratio_streak = 0
+        elif self._ratio_streak * side > 0:
+            self._ratio_streak += side
+        else:
+            self._ratio_streak = side
+        enter = abs(self._ratio_streak) >= c.update_ratio_rows
+        if not self._episode("update_ratio").update(enter, stay=side != 0):
+            return None
+        high = side > 0
+        bound = c.update_ratio_high if high else c.update_ratio_low
+        vectors = _num(row, "update_ratio_vectors")
+        advice = ("the weights move too fast: lower optim.lr" if high
+                  else "the weights barely move: raise optim.lr (or check that the optimizer sees these parameters)")
+        return make_finding(
+            "update_ratio",
+            f"update/weight ratio of the weight matrices {ratio:.3g} at step {step}, "
+            f"{'above' if high else 'below'} {bound:.0e} for {c.update_ratio_rows} logged rows in a row "
+            f"(rule of thumb ~1e-3), lr{_lr_text(lr)}: {advice}",
+            step=step, update_ratio=_ev(ratio), lr=None if lr is None else _ev(lr),
+            update_ratio_vectors=None if vectors is None else _ev(vectors), direction="high" if high else "low",
+            bound=bound, rows=c.update_ratio_rows,
+        )
+
     # -- eval rows
 
     def _observe_eval(self, step: int, row: Row) -> list[Finding | None]:
@@ -282,7 +353,8 @@ class RunMonitor:
             return []
         recent = list(self._losses)[-10:]
         self._evals.append(_Eval(step, val_loss, statistics.median(recent) if recent else None))
-        return [self._check_val_flat(step), self._check_overfitting(step)]
+        return [self._check_val_flat(step), self._check_overfitting(step),
+                self._check_entropy(step, val_loss, row), self._check_logit_growth(step, row)]
 
     def _check_val_flat(self, step: int) -> Finding | None:
         c = self.config
@@ -325,6 +397,42 @@ class RunMonitor:
             f"checkpoints/best holds the step-{best.step} weights",
             step=step, best_val_step=best.step, best_val_loss=_ev(best.val_loss), val_loss=_ev(now.val_loss),
             train_loss_at_best=_ev(best.train_loss), train_loss=_ev(now.train_loss), evals_above_best=k,
+        )
+
+    def _check_entropy(self, step: int, val_loss: float, row: Row) -> Finding | None:
+        c = self.config
+        entropy = _num(row, "val_entropy")
+        if entropy is None or not math.isfinite(entropy):
+            return None
+        low = entropy < c.entropy_floor and entropy < c.entropy_loss_frac * val_loss
+        if not self._episode("entropy_collapse").update(low):
+            return None
+        return make_finding(
+            "entropy_collapse",
+            f"mean output entropy {entropy:.3g} nats at step {step} while the val loss is {val_loss:.4f}: the model "
+            f"is near-certain of its next token and mostly wrong (expect repetitive samples)",
+            step=step, val_entropy=_ev(entropy), val_loss=_ev(val_loss), entropy_floor=c.entropy_floor,
+        )
+
+    def _check_logit_growth(self, step: int, row: Row) -> Finding | None:
+        c = self.config
+        value = _num(row, "val_logit_max")
+        if value is None or not math.isfinite(value) or step <= c.warmup_steps:
+            return None
+        self._logit_max.append((step, value))
+        window = [v for _, v in self._logit_max]
+        rising = all(b > a for a, b in zip(window, window[1:]))
+        enter = (len(window) == c.logit_growth_evals and rising and value > c.logit_level
+                 and value >= c.logit_growth_factor * window[0])
+        if not self._episode("logit_growth").update(enter, stay=value > c.logit_level):
+            return None
+        first_step = self._logit_max[0][0]
+        return make_finding(
+            "logit_growth",
+            f"max |logit| at eval grew {value / window[0]:.1f}x over the last {len(window)} evals "
+            f"(steps {first_step}-{step}: {window[0]:.3g} -> {value:.3g}) and keeps rising",
+            step=step, val_logit_max=_ev(value), first_step=first_step,
+            val_logit_maxes=[_ev(v) for v in window], level=c.logit_level,
         )
 
 

@@ -141,6 +141,34 @@ def guilty_parameters(model: nn.Module, k: int = 5) -> list[dict]:
     return rows[:k]
 
 
+STATS_STRIDE = 4  # eval output statistics on every 4th position (tiny-lm: 16k positions per eval)
+# Metric keys of the update/weight ratio, by optimizer param group (build_optimizer: matrices, then vectors).
+UPDATE_RATIO_KEYS = ("update_ratio", "update_ratio_vectors")
+
+
+@torch.no_grad()
+def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of a param group's tensors, taken just before optimizer.step()."""
+    return torch._foreach_mul(params, 1.0) if params else []
+
+
+@torch.no_grad()
+def update_ratio(before: list[torch.Tensor], after: list[torch.Tensor]) -> float | None:
+    """||w_after - w_before|| / ||w_before|| over a whole group; None when undefined (empty, zero weights).
+
+    Consumes ``before`` (it is overwritten with the update, so no second copy is made).
+    """
+    if not before:
+        return None
+    weight = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
+    torch._foreach_sub_(before, after)  # before := -(update)
+    delta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
+    delta_value, weight_value = torch.stack([delta, weight]).tolist()  # one device sync
+    if not weight_value > 0 or not math.isfinite(weight_value):
+        return None
+    return delta_value / weight_value
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -154,15 +182,23 @@ def evaluate(
     n_batches: int,
     device: torch.device,
     precision: str = "fp32",
+    stats: dict[str, float] | None = None,
 ) -> tuple[float, float]:
     """Mean loss (nats/token) and bits per byte on fixed windows, with the training loss function.
 
     Bits per byte counts only targets that are text (special tokens have 0 bytes and are
     left out of both sums), so the figure does not depend on the tokenizer.
+
+    If ``stats`` is given it is filled with the output statistics of the same windows (the
+    doctor's entropy_collapse and logit_growth monitors read them from the eval rows):
+    ``val_entropy``, the mean entropy (nats) of the predicted distribution over the targets
+    in the loss, and ``val_logit_max``, the mean over windows of each window's max |logit|
+    (both on every STATS_STRIDE-th position of the windows).
     """
     was_training = model.training
     model.eval()
     nats, targets, text_nats, text_bytes = 0.0, 0, 0.0, 0
+    entropy_sum, entropy_count, logit_max_sum, windows = 0.0, 0, 0.0, 0
     byte_table = torch.from_numpy(token_bytes.astype(np.int64)).to(device)
     for i in range(n_batches):
         batch = get_batch(tokens, seq_len, batch_size, "fixed", batch_index=i, count=n_batches * batch_size)
@@ -175,8 +211,30 @@ def evaluate(
         nbytes = byte_table[labels.reshape(-1)]
         text_nats += losses[nbytes > 0].sum().item()
         text_bytes += int(nbytes.sum().item())
+        if stats is not None:
+            entropy, counted, logit_max = _output_stats(logits, labels)
+            entropy_sum, entropy_count = entropy_sum + entropy, entropy_count + counted
+            logit_max_sum, windows = logit_max_sum + logit_max, windows + labels.shape[0]
     model.train(was_training)
+    if stats is not None:
+        stats["val_entropy"] = entropy_sum / max(1, entropy_count)
+        stats["val_logit_max"] = logit_max_sum / max(1, windows)
     return nats / targets, text_nats / math.log(2) / max(1, text_bytes)
+
+
+def _output_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, float]:
+    """(sum of entropies over the targets in the loss, their count, sum over windows of max |logit|).
+
+    On every STATS_STRIDE-th position only: a full-vocabulary softmax costs more than the loss
+    itself, and the same fixed positions every eval keep the numbers comparable across evals.
+    fp32 like the loss, so bf16 rounding does not fake a low entropy.
+    """
+    logits, labels = logits[:, ::STATS_STRIDE].float(), labels[:, ::STATS_STRIDE]
+    logp = torch.log_softmax(logits, dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)  # [batch, seq]
+    kept = labels != IGNORE_INDEX
+    per_window_max = logits.abs().flatten(1).amax(dim=1)  # [batch]
+    return float(entropy[kept].sum()), int(kept.sum()), float(per_window_max.sum())
 
 
 # ---------------------------------------------------------------- the trainer
@@ -311,8 +369,18 @@ class Trainer:
         loss_value = loss_sum / cfg.grad_accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), threshold))
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        ratios: dict[str, float] = {}
         if finite:
+            # The update/weight ratio needs the weights before the step: copy them only on steps
+            # that will be logged (one weight-sized copy every log_every steps keeps it cheap).
+            logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
+            groups = self.optimizer.param_groups[: len(UPDATE_RATIO_KEYS)]
+            before = [snapshot(g["params"]) for g in groups] if logged else []
             self.optimizer.step()
+            for key, copy, group in zip(UPDATE_RATIO_KEYS, before, groups):
+                ratio = update_ratio(copy, group["params"])
+                if ratio is not None:
+                    ratios[key] = ratio
         else:
             self.guilty = guilty_parameters(self.model)  # before zero_grad drops the evidence
         self.optimizer.zero_grad(set_to_none=True)
@@ -335,6 +403,7 @@ class Trainer:
                 "clip_threshold": threshold if math.isfinite(threshold) else None,  # None: clipping off
                 "clipped": clipped,
                 "clip_ratio": sum(self.clip_history) / len(self.clip_history),
+                **ratios,
                 "tokens_per_s": self._interval_tokens / max(elapsed, 1e-9),
                 "time_s": round(self.prior_wall + time.time() - self._t0, 3),
             }
@@ -393,7 +462,7 @@ class Trainer:
 
     # -- evaluation and demos
 
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self, stats: dict[str, float] | None = None) -> tuple[float, float]:
         e = self.cfg.eval
         return evaluate(
             self.model,
@@ -404,6 +473,7 @@ class Trainer:
             e.batches,
             self.device,
             self.precision,
+            stats=stats,
         )
 
     def demo(self, tokenizer) -> str | None:
@@ -471,10 +541,11 @@ class Trainer:
                         )
                     last = self.step == cfg.train.max_steps
                     if self.step % cfg.eval.every == 0 or last:
-                        self.last_val = self.evaluate()
+                        output_stats: dict[str, float] = {}
+                        self.last_val = self.evaluate(output_stats)
                         val_loss, val_bpb = self.last_val
                         self.log_row(metrics, {"step": self.step, "tokens": self.step * self.tokens_per_step,
-                                               "val_loss": val_loss, "val_bpb": val_bpb})
+                                               "val_loss": val_loss, "val_bpb": val_bpb, **output_stats})
                         rep.info(f"eval step {self.step}: val_loss {val_loss:.4f}  val_bpb {val_bpb:.4f}", style="cyan")
                         if math.isfinite(val_loss) and val_loss < self.best_val:
                             self.best_val = val_loss
