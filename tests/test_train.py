@@ -283,3 +283,19 @@ def test_preflight_refuses_a_leaky_model_unless_allowed(data_dir, tmp_path, monk
     monkeypatch.undo()
     healthy = run_tiny(data_dir, tmp_path / "healthy", train__max_steps=1).run_dir
     assert not [f for f in read_findings(healthy / "findings.jsonl") if f.severity != "info"]
+
+
+class ReportingMoE(TransformerLM):
+    """A stand-in for an MoE model: reports 2 layers x 4 experts, layer 1 sending 90% of tokens to one expert."""
+
+    def moe_load(self):
+        return [torch.tensor([0.25, 0.25, 0.25, 0.25]), torch.tensor([0.9, 0.05, 0.03, 0.02])]
+
+
+def test_models_that_report_expert_load_are_monitored(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "build_model", ReportingMoE)
+    run = run_tiny(data_dir, tmp_path, train__max_steps=10).run_dir
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert all(r["moe_max_load_ratio"] == pytest.approx(3.6) and r["moe_worst_layer"] == 1 for r in rows)
+    (finding,) = [f for f in read_findings(run / "findings.jsonl") if f.code == "moe_imbalance"]
+    assert finding.step == 5 and finding.evidence["layer"] == 1  # warmup 2 steps, then 3 rows in a row

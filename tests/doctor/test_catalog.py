@@ -34,5 +34,5 @@ def test_docs_match_the_catalog():
 def test_monitor_codes_are_catalogued():
     codes = finding_codes(DOCTOR / "monitors.py") | finding_codes(DOCTOR / "diagnose.py")
     assert codes == {"clip_saturated", "loss_spike", "loss_flat", "overfitting", "nonfinite", "run_crashed",
-                     "update_ratio", "entropy_collapse", "logit_growth"}
+                     "update_ratio", "entropy_collapse", "logit_growth", "moe_imbalance"}
     assert codes <= set(CATALOG)

@@ -374,3 +374,28 @@ def test_logit_growth_silent_when_healthy_or_not_rising():
     bumpy = {250: 20.0, 500: 50.0, 750: 40.0, 1000: 45.0, 1250: 44.0, 1500: 46.0}  # large but not growing
     rows = with_key(simulate(1500, val=healthy_val), "val_logit_max", lambda s: bumpy[s], kind="val_loss")
     assert check_metrics(rows) == []
+
+
+# ---------------------------------------------------------------- moe_imbalance
+
+
+def with_moe(rows: list[dict], ratio: Callable[[int], float]) -> list[dict]:
+    for row in rows:
+        if "loss" in row:
+            row["moe_max_load_ratio"], row["moe_worst_layer"] = ratio(row["step"]), 2
+    return rows
+
+
+def test_moe_imbalance_found_once_after_three_rows():
+    rows = with_moe(simulate(1000), lambda step: 1.3 if step < 500 else 6.0)
+    found = check_metrics(rows, MonitorConfig(warmup_steps=100))
+    assert codes(found) == [("moe_imbalance", 520)]  # rows 500, 510, 520 over the bound; reported once
+    assert found[0].evidence == {"max_load_ratio": 6.0, "layer": 2, "bound": 3.0, "rows": 3}
+
+
+def test_moe_balanced_or_brief_or_warmup_imbalance_is_silent():
+    balanced = with_moe(simulate(1000), lambda step: 1.2)
+    brief = with_moe(simulate(1000), lambda step: 8.0 if step in (500, 510) else 1.2)
+    early = with_moe(simulate(1000), lambda step: 8.0 if step <= 100 else 1.2)  # routers start unbalanced
+    for rows in (balanced, brief, early):
+        assert check_metrics(rows, MonitorConfig(warmup_steps=100)) == []

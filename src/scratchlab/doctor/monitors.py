@@ -6,7 +6,7 @@ episode, reported once when it starts; it is reported again only after it has en
 `check_metrics(rows)` replays a whole history (the doctor, after the fact) and returns
 exactly what the calls to `observe` returned, in order.
 
-Codes: clip_saturated, loss_spike, loss_flat, overfitting, nonfinite, update_ratio (train rows),
+Codes: clip_saturated, loss_spike, loss_flat, overfitting, nonfinite, update_ratio, moe_imbalance (train rows),
 entropy_collapse, logit_growth (eval rows) (docs/findings.md). The last three read optional keys
 (update_ratio, val_entropy, val_logit_max): rows without them, as in older runs, are skipped.
 """
@@ -80,6 +80,11 @@ class MonitorConfig:
     update_ratio_low: float = 1e-5
     update_ratio_lr_frac: float = 0.1
     update_ratio_rows: int = 3
+    # moe_imbalance: the busiest expert's share of routed tokens over its fair share (1/n_experts),
+    # worst layer, above moe_load_ratio on moe_rows logged rows in a row after the warmup. Rows
+    # carry it only for models that report their load (a `moe_load()` method, see the trainer).
+    moe_load_ratio: float = 3.0
+    moe_rows: int = 3
     # entropy_collapse: mean output entropy at eval below entropy_floor nats AND below
     # entropy_loss_frac x the val loss: the model is near-certain but still wrong (a model that is
     # certain and right has a low loss too). A calibrated model's entropy tracks its loss: the
@@ -193,6 +198,7 @@ class RunMonitor:
         self._peak_lr = 0.0  # the highest lr of the train rows so far
         self._logit_max: deque[tuple[int, float]] = deque(maxlen=c.logit_growth_evals)  # (step, val_logit_max)
         self._episodes: dict[str, _Episode] = {}
+        self._moe_streak = 0  # consecutive logged rows with an overloaded expert
 
     def observe(self, row: Row) -> list[Finding]:
         """Findings that start at this row (train or eval row of metrics.jsonl)."""
@@ -226,7 +232,7 @@ class RunMonitor:
         _push(self._recent, point, self.config.clip_window_steps)
         _push(self._flat, point, self.config.flat_window_steps)
         return [spike, self._check_clip(step, row), self._check_train_flat(step, row),
-                self._check_update_ratio(step, row)]
+                self._check_update_ratio(step, row), self._check_moe(step, row)]
 
     def _nonfinite_train(self, step: int, loss: float | None, grad_norm: float | None) -> Finding:
         values = {k: _ev(v) for k, v in (("loss", loss), ("grad_norm", grad_norm)) if v is not None}
@@ -337,6 +343,24 @@ class RunMonitor:
             step=step, update_ratio=_ev(ratio), lr=None if lr is None else _ev(lr),
             update_ratio_vectors=None if vectors is None else _ev(vectors), direction="high" if high else "low",
             bound=bound, rows=c.update_ratio_rows,
+        )
+
+    def _check_moe(self, step: int, row: Row) -> Finding | None:
+        c = self.config
+        ratio = _num(row, "moe_max_load_ratio")
+        if ratio is None or not math.isfinite(ratio):
+            return None  # a dense model, or not measured on this row
+        over = step > c.warmup_steps and ratio > c.moe_load_ratio
+        self._moe_streak = self._moe_streak + 1 if over else 0
+        if not self._episode("moe_imbalance").update(self._moe_streak >= c.moe_rows, stay=over):
+            return None
+        layer = row.get("moe_worst_layer")
+        return make_finding(
+            "moe_imbalance",
+            f"the busiest expert (layer {layer}) gets {ratio:.1f}x its fair share of tokens at step {step}, above "
+            f"{c.moe_load_ratio:g}x for {c.moe_rows} logged rows: raise the load-balance loss coefficient or use "
+            "bias-based balancing",
+            step=step, max_load_ratio=_ev(ratio), layer=layer, bound=c.moe_load_ratio, rows=c.moe_rows,
         )
 
     # -- eval rows

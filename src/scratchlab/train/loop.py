@@ -169,6 +169,23 @@ def update_ratio(before: list[torch.Tensor], after: list[torch.Tensor]) -> float
     return delta_value / weight_value
 
 
+def moe_load_stats(model: nn.Module) -> dict[str, float | int]:
+    """Expert load of the last forward, for models that report it; {} for dense models.
+
+    The protocol: ``model.moe_load()`` returns one 1-D tensor per MoE layer with the fraction
+    of routed tokens each expert received (summing to 1). The row gets the worst layer's
+    busiest-expert share over its fair share (1 / n_experts): 1.0 is perfect balance.
+    """
+    report = getattr(model, "moe_load", None)
+    if not callable(report):
+        return {}
+    ratios = [float(load.max()) * load.numel() for load in report()]
+    if not ratios:
+        return {}
+    worst = max(range(len(ratios)), key=ratios.__getitem__)
+    return {"moe_max_load_ratio": ratios[worst], "moe_worst_layer": worst}
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -404,6 +421,7 @@ class Trainer:
                 "clipped": clipped,
                 "clip_ratio": sum(self.clip_history) / len(self.clip_history),
                 **ratios,
+                **moe_load_stats(self.model),
                 "tokens_per_s": self._interval_tokens / max(elapsed, 1e-9),
                 "time_s": round(self.prior_wall + time.time() - self._t0, 3),
             }
