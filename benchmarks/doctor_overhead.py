@@ -1,4 +1,4 @@
-"""What the doctor costs: training tokens/s with the in-loop monitors on vs off, and preflight time.
+"""What the doctor costs: training step time with the in-loop monitors on vs off, and preflight time.
 
 Usage::
 
@@ -8,7 +8,8 @@ Runs the real `Trainer.train_step` of the default preset (tiny-lm) on the stdlib
 (capped at 4 MB of text, prepared once and cached), alternating blocks of steps with the
 monitors on and off in the same process so that machine noise hits both alike. Reports the
 median step time of each and the overhead in percent, at the preset's log cadence and at
-log_every=1 (the worst case: every step is a metric row). Then times `preflight` on the
+log_every=1 (the worst case: every step is a metric row). "On" includes the doctor's own
+measurements (the update/weight-ratio snapshot on logged steps) as well as its checks. Then times `preflight` on the
 preset's model and a real batch, as `scratchlab train` runs it. Nothing here asserts on time.
 """
 

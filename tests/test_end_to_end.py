@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from scratchlab.doctor import read_findings
 from scratchlab.runs.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -41,6 +42,10 @@ def test_default_train_reaches_target_then_samples_and_resumes(tmp_path):
     assert "final val bits/byte" in proc.stdout and "## prompt='def ' temperature=0.5" in proc.stdout
     evals = [r["val_bpb"] for r in read_metrics(run / "metrics.jsonl") if "val_bpb" in r]
     assert evals == sorted(evals, reverse=True)  # validation improves at every eval
+    # The doctor's healthy control at full scale: the default run raises no warning or error.
+    assert [str(f) for f in read_findings(run / "findings.jsonl") if f.severity != "info"] == []
+    doctor = scratchlab("doctor", str(run), cwd=tmp_path, env=env)
+    assert doctor.returncode == 0, doctor.stdout[-2000:]
 
     sample = scratchlab("sample", str(run), "--prompt", "def ", "--temperature", "0.8", "--top-k", "50",
                         "--max-new-tokens", "200", cwd=tmp_path, env=env)

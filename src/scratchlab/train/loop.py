@@ -390,7 +390,8 @@ class Trainer:
         if finite:
             # The update/weight ratio needs the weights before the step: copy them only on steps
             # that will be logged (one weight-sized copy every log_every steps keeps it cheap).
-            logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
+            # It is the doctor's measurement: off with its monitors (doctor.monitors=false).
+            logged = self.monitor is not None and ((self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps)
             groups = self.optimizer.param_groups[: len(UPDATE_RATIO_KEYS)]
             before = [snapshot(g["params"]) for g in groups] if logged else []
             self.optimizer.step()
