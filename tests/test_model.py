@@ -104,3 +104,42 @@ def test_gqa_uses_fewer_kv_parameters():
 def test_sequence_longer_than_context_is_refused():
     with pytest.raises(ValueError, match="max_seq_len"):
         tiny(max_seq_len=8)(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_attention_logit_probe_reads_pre_softmax_logits():
+    model = tiny(n_kv_heads=2).eval()
+    ids = torch.randint(0, 50, (2, 16))
+    base = model.attention_logit_max(ids)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(2.0)  # q and k double, so q.k quadruples in the first layer
+    first_layer = model.blocks[0].attn
+    model.attention_logit_max(ids)
+    assert not first_layer.probe_logit_max  # the probe switches itself off
+    doubled = model.attention_logit_max(ids)
+    assert doubled > base and first_layer.last_logit_max > 0
+    # The probe changes nothing in the forward pass itself.
+    with torch.no_grad():
+        plain = model(ids)
+        first_layer.probe_logit_max = True
+        probed = model(ids)
+    torch.testing.assert_close(plain, probed)
+
+
+def test_attention_logit_probe_matches_an_explicit_computation():
+    model = tiny().eval()
+    ids = torch.randint(0, 50, (1, 12))
+    attn = model.blocks[0].attn
+    captured = {}
+    attn.register_forward_pre_hook(lambda mod, args: captured.update(x=args[0]))  # returns None: args unchanged
+    model.attention_logit_max(ids)
+    with torch.no_grad():
+        from scratchlab.models.blocks import apply_rope
+
+        x = captured["x"]
+        q, k, _ = attn.qkv(x).split([32, 32, 32], dim=-1)
+        q = apply_rope(q.view(1, 12, 4, 8).transpose(1, 2), model.rope_cos[:12], model.rope_sin[:12])
+        k = apply_rope(k.view(1, 12, 4, 8).transpose(1, 2), model.rope_cos[:12], model.rope_sin[:12])
+        scores = (q @ k.transpose(-2, -1)) / 8**0.5
+        expected = scores.masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), float("-inf")).amax()
+    assert attn.last_logit_max == pytest.approx(float(expected), rel=1e-5)

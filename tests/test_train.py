@@ -64,6 +64,7 @@ def test_run_dir_and_metrics_contract(data_dir, tmp_path):
     assert all(0 < r["update_ratio"] < 1 and 0 < r["update_ratio_vectors"] < 1 for r in train_rows)
     vocab = open_text_data(data_dir).vocab_size
     assert all(0 < r["val_entropy"] < math.log(vocab) and 0 < r["val_logit_max"] < 100 for r in eval_rows)
+    assert all(0 < r["val_attn_logit_max"] < 100 for r in eval_rows)
     # Schedules recorded as configured: warmup to 3e-3 over 2 steps, then cosine.
     assert train_rows[0]["lr"] == pytest.approx(1.5e-3) and train_rows[1]["lr"] == pytest.approx(3e-3)
     # keep_last=2 step checkpoints + best

@@ -357,14 +357,16 @@ def test_low_entropy_of_a_model_that_is_right_is_not_collapse():
     assert check_metrics(rows) == []
 
 
-def test_logit_growth_steady_and_large():
+@pytest.mark.parametrize("key,which", [("val_logit_max", "output"), ("val_attn_logit_max", "attention")])
+def test_logit_growth_steady_and_large(key, which):
     maxes = {250: 8.0, 500: 12.0, 750: 14.0, 1000: 16.0, 1250: 25.0, 1500: 45.0, 1750: 90.0, 2000: 95.0}
-    rows = with_key(simulate(2000, val=healthy_val), "val_logit_max", lambda s: maxes[s], kind="val_loss")
+    rows = with_key(simulate(2000, val=healthy_val), key, lambda s: maxes[s], kind="val_loss")
     findings = check_metrics(rows)
     assert codes(findings) == [("logit_growth", 1500)]  # 16 -> 25 -> 45: 2.8x and above 30; one episode
     ev = findings[0].evidence
-    assert ev["val_logit_maxes"] == [16.0, 25.0, 45.0] and ev["first_step"] == 1000 and ev["level"] == 30.0
-    assert ev["val_logit_max"] == 45.0
+    assert ev["values"] == [16.0, 25.0, 45.0] and ev["first_step"] == 1000 and ev["level"] == 30.0
+    assert ev["value"] == 45.0 and ev["logits"] == which and ev["key"] == key
+    assert f"max |{which} logit|" in findings[0].message
 
 
 def test_logit_growth_silent_when_healthy_or_not_rising():

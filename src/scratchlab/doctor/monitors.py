@@ -8,7 +8,7 @@ exactly what the calls to `observe` returned, in order.
 
 Codes: clip_saturated, loss_spike, loss_flat, overfitting, nonfinite, update_ratio, moe_imbalance (train rows),
 entropy_collapse, logit_growth (eval rows) (docs/findings.md). The last three read optional keys
-(update_ratio, val_entropy, val_logit_max): rows without them, as in older runs, are skipped.
+(update_ratio, val_entropy, val_logit_max, val_attn_logit_max): rows without them, as in older runs, are skipped.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from scratchlab.config import Config
 
 Row = dict[str, Any]
+# Eval-row keys judged by logit_growth: output logits, and pre-softmax attention logits (models
+# with an `attention_logit_max` probe, such as scratchlab's lm family).
+LOGIT_KEYS = {"val_logit_max": "output", "val_attn_logit_max": "attention"}
 MAD_TO_STD = 1.4826  # median absolute deviation -> standard deviation, for normal noise
 
 
@@ -196,7 +199,7 @@ class RunMonitor:
         self._evals: list[_Eval] = []  # finite evals
         self._ratio_streak = 0  # consecutive rows past the warmup with the update ratio out of range (+ high, - low)
         self._peak_lr = 0.0  # the highest lr of the train rows so far
-        self._logit_max: deque[tuple[int, float]] = deque(maxlen=c.logit_growth_evals)  # (step, val_logit_max)
+        self._logit_max = {key: deque(maxlen=c.logit_growth_evals) for key in LOGIT_KEYS}  # key -> (step, value)
         self._episodes: dict[str, _Episode] = {}
         self._moe_streak = 0  # consecutive logged rows with an overloaded expert
 
@@ -378,7 +381,8 @@ class RunMonitor:
         recent = list(self._losses)[-10:]
         self._evals.append(_Eval(step, val_loss, statistics.median(recent) if recent else None))
         return [self._check_val_flat(step), self._check_overfitting(step),
-                self._check_entropy(step, val_loss, row), self._check_logit_growth(step, row)]
+                self._check_entropy(step, val_loss, row),
+                *(self._check_logit_growth(step, row, key) for key in LOGIT_KEYS)]
 
     def _check_val_flat(self, step: int) -> Finding | None:
         c = self.config
@@ -438,25 +442,26 @@ class RunMonitor:
             step=step, val_entropy=_ev(entropy), val_loss=_ev(val_loss), entropy_floor=c.entropy_floor,
         )
 
-    def _check_logit_growth(self, step: int, row: Row) -> Finding | None:
+    def _check_logit_growth(self, step: int, row: Row, key: str) -> Finding | None:
         c = self.config
-        value = _num(row, "val_logit_max")
+        value = _num(row, key)
         if value is None or not math.isfinite(value) or step <= c.warmup_steps:
             return None
-        self._logit_max.append((step, value))
-        window = [v for _, v in self._logit_max]
+        history = self._logit_max[key]
+        history.append((step, value))
+        window = [v for _, v in history]
         rising = all(b > a for a, b in zip(window, window[1:]))
         enter = (len(window) == c.logit_growth_evals and rising and value > c.logit_level
                  and value >= c.logit_growth_factor * window[0])
-        if not self._episode("logit_growth").update(enter, stay=value > c.logit_level):
+        if not self._episode(f"logit_growth:{key}").update(enter, stay=value > c.logit_level):
             return None
-        first_step = self._logit_max[0][0]
+        first_step, which = history[0][0], LOGIT_KEYS[key]
         return make_finding(
             "logit_growth",
-            f"max |logit| at eval grew {value / window[0]:.1f}x over the last {len(window)} evals "
+            f"max |{which} logit| at eval grew {value / window[0]:.1f}x over the last {len(window)} evals "
             f"(steps {first_step}-{step}: {window[0]:.3g} -> {value:.3g}) and keeps rising",
-            step=step, val_logit_max=_ev(value), first_step=first_step,
-            val_logit_maxes=[_ev(v) for v in window], level=c.logit_level,
+            step=step, logits=which, key=key, value=_ev(value), first_step=first_step,
+            values=[_ev(v) for v in window], level=c.logit_level,
         )
 
 

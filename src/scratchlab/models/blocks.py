@@ -65,6 +65,10 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.proj.is_residual_out = True  # depth-scaled init targets these
+        # The doctor's probe: when set, forward also records the largest pre-softmax logit
+        # (SDPA never materialises them, so this costs an extra matmul and is off in training).
+        self.probe_logit_max = False
+        self.last_logit_max: float | None = None
 
     def forward(
         self,
@@ -88,6 +92,8 @@ class CausalSelfAttention(nn.Module):
             past = cache.length
             k, v = cache.update(layer, k, v)
         gqa = self.n_kv_heads != self.n_heads
+        if self.probe_logit_max:
+            self.last_logit_max = self._logit_max(q, k, past)
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -96,6 +102,15 @@ class CausalSelfAttention(nn.Module):
             mask = keys_pos[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+    def _logit_max(self, q: torch.Tensor, k: torch.Tensor, past: int) -> float:
+        """Largest q.k / sqrt(E) over heads and the causally visible (query, key) pairs."""
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = (q.float() @ k.float().transpose(-2, -1)) / self.head_dim**0.5  # [B, H, T, S]
+        T, S = scores.shape[-2:]
+        visible = torch.arange(S, device=q.device)[None, :] <= (past + torch.arange(T, device=q.device))[:, None]
+        return float(scores.masked_fill(~visible, float("-inf")).amax())
 
 
 class SwiGLU(nn.Module):

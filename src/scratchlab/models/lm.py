@@ -48,6 +48,19 @@ class TransformerLM(nn.Module):
         logits = self.head(self.norm(x))
         return logits * self.cfg.logits_scale if self.cfg.logits_scale != 1.0 else logits
 
+    @torch.no_grad()
+    def attention_logit_max(self, input_ids: torch.Tensor) -> float:
+        """The largest pre-softmax attention logit over all layers and heads for ``input_ids`` (a probe)."""
+        attns = [block.attn for block in self.blocks]
+        for attn in attns:
+            attn.probe_logit_max = True
+        try:
+            self(input_ids)
+        finally:
+            for attn in attns:
+                attn.probe_logit_max = False
+        return max(attn.last_logit_max for attn in attns)
+
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         attn = self.blocks[0].attn
         ref = self.tok_emb.weight

@@ -232,10 +232,15 @@ def evaluate(
             entropy, counted, logit_max = _output_stats(logits, labels)
             entropy_sum, entropy_count = entropy_sum + entropy, entropy_count + counted
             logit_max_sum, windows = logit_max_sum + logit_max, windows + labels.shape[0]
-    model.train(was_training)
     if stats is not None:
         stats["val_entropy"] = entropy_sum / max(1, entropy_count)
         stats["val_logit_max"] = logit_max_sum / max(1, windows)
+        probe = getattr(model, "attention_logit_max", None)
+        if callable(probe):  # one batch of the same fixed windows is enough to watch the trend
+            first = get_batch(tokens, seq_len, batch_size, "fixed", batch_index=0, count=n_batches * batch_size)
+            with autocast(device, precision):
+                stats["val_attn_logit_max"] = probe(first["input_ids"].to(device))
+    model.train(was_training)
     return nats / targets, text_nats / math.log(2) / max(1, text_bytes)
 
 
