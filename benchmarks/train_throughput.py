@@ -68,7 +68,12 @@ from scratchlab.config import Config, load_config
 from scratchlab.errors import UserError
 from scratchlab.loss import token_loss
 from scratchlab.models import build_model
-from scratchlab.train.loop import autocast, cpu_has_fast_bf16, resolve_device, resolve_precision
+from scratchlab.train.device import (
+    autocast,
+    cpu_has_fast_bf16,
+    resolve_device,
+    resolve_precision,
+)
 from scratchlab.train.optim import build_optimizer, clip_threshold_at
 
 Operands = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a, b and the output buffer of a matmul

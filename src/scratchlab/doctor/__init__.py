@@ -4,7 +4,14 @@ Every result is a `Finding` with a stable code documented in docs/findings.md.
 """
 
 from scratchlab.doctor import catalog as _catalog  # noqa: F401  (registers the codes)
-from scratchlab.doctor.findings import CATALOG, Finding, make_finding, read_findings, sort_findings, write_findings
+from scratchlab.doctor.findings import (
+    CATALOG,
+    Finding,
+    make_finding,
+    read_findings,
+    sort_findings,
+    write_findings,
+)
 from scratchlab.doctor.preflight import preflight
 
 __all__ = ["CATALOG", "Finding", "make_finding", "preflight", "read_findings", "sort_findings", "write_findings"]

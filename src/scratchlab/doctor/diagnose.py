@@ -19,7 +19,14 @@ from rich.console import Console
 from rich.text import Text
 
 from scratchlab.config import Config, build_config, read_source
-from scratchlab.doctor.findings import CATALOG, SEVERITY_ORDER, Finding, make_finding, read_findings, sort_findings
+from scratchlab.doctor.findings import (
+    CATALOG,
+    SEVERITY_ORDER,
+    Finding,
+    make_finding,
+    read_findings,
+    sort_findings,
+)
 from scratchlab.doctor.monitors import MonitorConfig, check_metrics
 from scratchlab.errors import UserError
 from scratchlab.runs import RunDir, read_metrics

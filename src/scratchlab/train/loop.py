@@ -7,7 +7,6 @@ history are all restored; schedules are functions of the step).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import signal
@@ -17,17 +16,39 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
-from scratchlab.config import Config, build_config, deep_merge, parse_overrides, read_source, to_yaml
-from scratchlab.data.text import TextData, load_tokenizer, open_text_data, prepare_stdlib
+from scratchlab.config import (
+    Config,
+    build_config,
+    deep_merge,
+    parse_overrides,
+    read_source,
+    to_yaml,
+)
+from scratchlab.data.text import (
+    TextData,
+    load_tokenizer,
+    open_text_data,
+    prepare_stdlib,
+)
 from scratchlab.data.windows import WindowDataset, get_batch
-from scratchlab.doctor.findings import Finding, make_finding, sort_findings, write_findings
+from scratchlab.doctor.findings import (
+    Finding,
+    make_finding,
+    sort_findings,
+    write_findings,
+)
 from scratchlab.doctor.monitors import MonitorConfig, RunMonitor
+from scratchlab.doctor.probes import (
+    UPDATE_RATIO_KEYS,
+    guilty_parameters,
+    moe_load_stats,
+    snapshot,
+    update_ratio,
+)
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, token_loss
 from scratchlab.models import build_model
@@ -44,6 +65,8 @@ from scratchlab.train.checkpoint import (
     read_state,
     save_checkpoint,
 )
+from scratchlab.train.device import autocast, resolve_device, resolve_precision
+from scratchlab.train.evaluate import evaluate
 from scratchlab.train.optim import build_optimizer, clip_threshold_at, lr_at
 from scratchlab.train.progress import Reporter
 
@@ -69,46 +92,6 @@ class TrainResult:
     status: str
 
 
-# ---------------------------------------------------------------- environment choices
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu or install a CUDA torch")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device=mps but MPS is not available; use train.device=cpu")
-    return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls beat fp32 on CPUs with AMX or AVX512-BF16 (Linux flags; elsewhere assume not)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def load_data(cfg: Config, reporter: Reporter | None = None) -> TextData:
     if cfg.data.path == "stdlib":
         announce = reporter.info if reporter else None
@@ -127,136 +110,6 @@ def fill_vocab(cfg: Config, data: TextData) -> Config:
             "or remove it to use the data's"
         )
     return cfg
-
-
-def guilty_parameters(model: nn.Module, k: int = 5) -> list[dict]:
-    """Parameters to blame for a non-finite step: non-finite gradients first, then the largest gradient norms."""
-    rows = []
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            norm = float(p.grad.float().norm())
-            rows.append({"name": name, "grad_norm": norm if math.isfinite(norm) else str(norm),
-                         "finite": math.isfinite(norm)})
-    rows.sort(key=lambda r: (r["finite"], -(r["grad_norm"] if r["finite"] else 0.0)))
-    return rows[:k]
-
-
-STATS_STRIDE = 4  # eval output statistics on every 4th position (tiny-lm: 16k positions per eval)
-# Metric keys of the update/weight ratio, by optimizer param group (build_optimizer: matrices, then vectors).
-UPDATE_RATIO_KEYS = ("update_ratio", "update_ratio_vectors")
-
-
-@torch.no_grad()
-def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of a param group's tensors, taken just before optimizer.step()."""
-    return torch._foreach_mul(params, 1.0) if params else []
-
-
-@torch.no_grad()
-def update_ratio(before: list[torch.Tensor], after: list[torch.Tensor]) -> float | None:
-    """||w_after - w_before|| / ||w_before|| over a whole group; None when undefined (empty, zero weights).
-
-    Consumes ``before`` (it is overwritten with the update, so no second copy is made).
-    """
-    if not before:
-        return None
-    weight = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
-    torch._foreach_sub_(before, after)  # before := -(update)
-    delta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
-    delta_value, weight_value = torch.stack([delta, weight]).tolist()  # one device sync
-    if not weight_value > 0 or not math.isfinite(weight_value):
-        return None
-    return delta_value / weight_value
-
-
-def moe_load_stats(model: nn.Module) -> dict[str, float | int]:
-    """Expert load of the last forward, for models that report it; {} for dense models.
-
-    The protocol: ``model.moe_load()`` returns one 1-D tensor per MoE layer with the fraction
-    of routed tokens each expert received (summing to 1). The row gets the worst layer's
-    busiest-expert share over its fair share (1 / n_experts): 1.0 is perfect balance.
-    """
-    report = getattr(model, "moe_load", None)
-    if not callable(report):
-        return {}
-    ratios = [float(load.max()) * load.numel() for load in report()]
-    if not ratios:
-        return {}
-    worst = max(range(len(ratios)), key=ratios.__getitem__)
-    return {"moe_max_load_ratio": ratios[worst], "moe_worst_layer": worst}
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    tokens: np.ndarray,
-    token_bytes: np.ndarray,
-    seq_len: int,
-    batch_size: int,
-    n_batches: int,
-    device: torch.device,
-    precision: str = "fp32",
-    stats: dict[str, float] | None = None,
-) -> tuple[float, float]:
-    """Mean loss (nats/token) and bits per byte on fixed windows, with the training loss function.
-
-    Bits per byte counts only targets that are text (special tokens have 0 bytes and are
-    left out of both sums), so the figure does not depend on the tokenizer.
-
-    If ``stats`` is given it is filled with the output statistics of the same windows (the
-    doctor's entropy_collapse and logit_growth monitors read them from the eval rows):
-    ``val_entropy``, the mean entropy (nats) of the predicted distribution over the targets
-    in the loss, and ``val_logit_max``, the mean over windows of each window's max |logit|
-    (both on every STATS_STRIDE-th position of the windows).
-    """
-    was_training = model.training
-    model.eval()
-    nats, targets, text_nats, text_bytes = 0.0, 0, 0.0, 0
-    entropy_sum, entropy_count, logit_max_sum, windows = 0.0, 0, 0.0, 0
-    byte_table = torch.from_numpy(token_bytes.astype(np.int64)).to(device)
-    for i in range(n_batches):
-        batch = get_batch(tokens, seq_len, batch_size, "fixed", batch_index=i, count=n_batches * batch_size)
-        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        with autocast(device, precision):
-            logits = model(input_ids)
-        losses = token_loss(logits, labels, reduction="none")
-        nats += losses.sum().item()
-        targets += labels.numel()
-        nbytes = byte_table[labels.reshape(-1)]
-        text_nats += losses[nbytes > 0].sum().item()
-        text_bytes += int(nbytes.sum().item())
-        if stats is not None:
-            entropy, counted, logit_max = _output_stats(logits, labels)
-            entropy_sum, entropy_count = entropy_sum + entropy, entropy_count + counted
-            logit_max_sum, windows = logit_max_sum + logit_max, windows + labels.shape[0]
-    if stats is not None:
-        stats["val_entropy"] = entropy_sum / max(1, entropy_count)
-        stats["val_logit_max"] = logit_max_sum / max(1, windows)
-        probe = getattr(model, "attention_logit_max", None)
-        if callable(probe):  # one batch of the same fixed windows is enough to watch the trend
-            first = get_batch(tokens, seq_len, batch_size, "fixed", batch_index=0, count=n_batches * batch_size)
-            with autocast(device, precision):
-                stats["val_attn_logit_max"] = probe(first["input_ids"].to(device))
-    model.train(was_training)
-    return nats / targets, text_nats / math.log(2) / max(1, text_bytes)
-
-
-def _output_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, float]:
-    """(sum of entropies over the targets in the loss, their count, sum over windows of max |logit|).
-
-    On every STATS_STRIDE-th position only: a full-vocabulary softmax costs more than the loss
-    itself, and the same fixed positions every eval keep the numbers comparable across evals.
-    fp32 like the loss, so bf16 rounding does not fake a low entropy.
-    """
-    logits, labels = logits[:, ::STATS_STRIDE].float(), labels[:, ::STATS_STRIDE]
-    logp = torch.log_softmax(logits, dim=-1)
-    entropy = -(logp.exp() * logp).sum(dim=-1)  # [batch, seq]
-    kept = labels != IGNORE_INDEX
-    per_window_max = logits.abs().flatten(1).amax(dim=1)  # [batch]
-    return float(entropy[kept].sum()), int(kept.sum()), float(per_window_max.sum())
 
 
 # ---------------------------------------------------------------- the trainer

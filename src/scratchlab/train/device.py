@@ -1,0 +1,47 @@
+"""Where and in which precision a run computes: device choice, bf16 detection, autocast."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from scratchlab.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu or install a CUDA torch")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device=mps but MPS is not available; use train.device=cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls beat fp32 on CPUs with AMX or AVX512-BF16 (Linux flags; elsewhere assume not)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
