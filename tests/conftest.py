@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,18 @@ def tiny_overrides(data_dir: Path, out_dir: Path, **extra) -> list[str]:
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def quiet():
+    """A console that prints nowhere (the tests read the run dir, not the screen)."""
+    from rich.console import Console
+
+    return Console(file=open(os.devnull, "w"))
+
+
+def run_tiny(data_dir: Path, out_dir: Path, **extra):
+    """Train the tiny model for a few steps through the library entry point; returns the TrainResult."""
+    from scratchlab.config import load_config
+    from scratchlab.train import train
+
+    return train(load_config("tiny-lm", tiny_overrides(data_dir, out_dir, **extra)), console=quiet())

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from rich.console import Console
+from conftest import quiet, run_tiny, tiny_overrides
 from safetensors.torch import load_file
 
 import scratchlab.train.checkpoint as checkpoint_mod
@@ -16,14 +16,12 @@ import scratchlab.train.loop as loop
 from scratchlab.cli import main
 from scratchlab.config import ClipConfig, OptimConfig, load_config
 from scratchlab.data.text import open_text_data
-from scratchlab.models import TransformerLM
 from scratchlab.doctor import read_findings
+from scratchlab.models import TransformerLM
 from scratchlab.runs.metrics import read_metrics
 from scratchlab.train import load_run_model, train
 from scratchlab.train.checkpoint import latest_checkpoint, step_checkpoints
 from scratchlab.train.optim import clip_threshold_at, lr_at
-
-from conftest import tiny_overrides
 
 TRAIN_KEYS = {"step", "tokens", "loss", "lr", "grad_norm", "clip_threshold", "clipped", "clip_ratio", "tokens_per_s"}
 
@@ -32,12 +30,6 @@ def param_names(run) -> set[str]:
     return {name for name, _ in load_run_model(run, checkpoint="step_000004")[0].named_parameters()}
 
 
-def quiet() -> Console:
-    return Console(file=open("/dev/null", "w"))
-
-
-def run_tiny(data_dir, out_dir, **extra):
-    return train(load_config("tiny-lm", tiny_overrides(data_dir, out_dir, **extra)), console=quiet())
 
 
 def losses(run_dir, key="loss"):

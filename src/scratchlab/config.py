@@ -41,7 +41,9 @@ class ModelConfig(_Section):
     d_model: int = Field(256, ge=8)
     n_heads: int = Field(4, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="Fewer than n_heads = grouped-query attention.")
-    ffn: Literal["swiglu", "gelu"] = "swiglu"
+    ffn: Literal["swiglu", "gelu", "gelu_affine"] = Field(
+        "swiglu", description="gelu_affine: gelu(a*x+b) with learned per-channel a, b."
+    )
     ffn_mult: float = Field(4.0, gt=0, description="Hidden width / d_model (SwiGLU uses 2/3 of it, as in LLaMA).")
     bias: bool = False
     tie_embeddings: bool = True
@@ -51,6 +53,9 @@ class ModelConfig(_Section):
     init: Literal["normal", "xavier", "depth_scaled", "truncated_normal"] = "depth_scaled"
     init_std: float = Field(0.02, gt=0)
     logits_scale: float = Field(1.0, gt=0, description="Fixed multiplier on the output logits.")
+    qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys.")
+    attn_softcap: float = Field(0.0, ge=0, description="tanh soft-cap of attention logits (0 = off).")
+    logit_softcap: float = Field(0.0, ge=0, description="tanh soft-cap of the output logits (0 = off).")
     vocab_size: int | None = Field(None, ge=2, description="Defaults to the data's vocabulary size.")
 
     @model_validator(mode="after")
@@ -88,6 +93,7 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, ge=1)
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     clip: ClipConfig = ClipConfig()
+    z_loss: float = Field(0.0, ge=0, description="Coefficient of the auxiliary z-loss (logsumexp^2); 0 = off.")
 
 
 class OptimConfig(_Section):

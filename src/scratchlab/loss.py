@@ -26,3 +26,15 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
         ignore_index=IGNORE_INDEX,
         reduction=reduction,
     )
+
+
+def z_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PaLM's auxiliary z-loss: mean of logsumexp(logits)^2 over the targets in the loss.
+
+    It keeps the softmax normaliser near 1, so the output logits cannot drift upwards
+    (a cause of late loss spikes). Added to the loss as ``train.z_loss * z_loss`` and
+    logged on its own; the reported loss stays the cross-entropy.
+    """
+    lse = logits.reshape(-1, logits.shape[-1]).float().logsumexp(dim=-1)
+    kept = labels.reshape(-1) != IGNORE_INDEX
+    return lse[kept].pow(2).mean()

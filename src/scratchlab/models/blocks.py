@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scratchlab.config import ModelConfig
+
 
 class RMSNorm(nn.Module):
     """Standard RMSNorm over the feature dim: x / sqrt(mean(x^2) + eps) * weight."""
@@ -58,13 +60,27 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        bias: bool,
+        *,
+        qk_norm: bool = False,
+        softcap: float = 0.0,
+        eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.proj.is_residual_out = True  # depth-scaled init targets these
+        # QK-norm: RMSNorm of each head's query and key (over the head dim) bounds attention logits.
+        self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+        self.softcap = softcap  # > 0: logits -> softcap * tanh(logits / softcap) before the softmax
         # The doctor's probe: when set, forward also records the largest pre-softmax logit
         # (SDPA never materialises them, so this costs an extra matmul and is off in training).
         self.probe_logit_max = False
@@ -85,6 +101,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, E]: attention over T
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         past = 0
@@ -94,7 +112,9 @@ class CausalSelfAttention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if self.probe_logit_max:
             self.last_logit_max = self._logit_max(q, k, past)
-        if past == 0:
+        if self.softcap > 0:
+            y = self._capped_attention(q, k, v, past)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             # Query i sits at absolute position past+i and may see keys 0..past+i.
@@ -104,13 +124,25 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-    def _logit_max(self, q: torch.Tensor, k: torch.Tensor, past: int) -> float:
-        """Largest q.k / sqrt(E) over heads and the causally visible (query, key) pairs."""
+    def _scores(self, q: torch.Tensor, k: torch.Tensor, past: int, cap: float = 0.0) -> torch.Tensor:
+        """Pre-softmax logits q.k / sqrt(E) [B, H, T, S] (soft-capped when cap > 0), -inf in the future."""
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        scores = (q.float() @ k.float().transpose(-2, -1)) / self.head_dim**0.5  # [B, H, T, S]
+        scores = (q @ k.transpose(-2, -1)) / self.head_dim**0.5
+        if cap > 0:
+            scores = cap * torch.tanh(scores / cap)
         T, S = scores.shape[-2:]
         visible = torch.arange(S, device=q.device)[None, :] <= (past + torch.arange(T, device=q.device))[:, None]
-        return float(scores.masked_fill(~visible, float("-inf")).amax())
+        return scores.masked_fill(~visible, float("-inf"))
+
+    def _logit_max(self, q: torch.Tensor, k: torch.Tensor, past: int) -> float:
+        """Largest q.k / sqrt(E) over heads and the causally visible (query, key) pairs (before any cap)."""
+        return float(self._scores(q.float(), k.float(), past).amax())
+
+    def _capped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        """Attention with tanh soft-capped logits (SDPA has no cap, so the scores are materialised)."""
+        scores = self._scores(q, k, past, cap=self.softcap)
+        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 class SwiGLU(nn.Module):
@@ -126,14 +158,21 @@ class SwiGLU(nn.Module):
 
 
 class GeluFFN(nn.Module):
-    def __init__(self, d_model: int, hidden: int, bias: bool) -> None:
+    """down(gelu(up(x))); with ``affine``, gelu(a * h + b) with a learned per-channel a (from 1) and b (from 0)."""
+
+    def __init__(self, d_model: int, hidden: int, bias: bool, affine: bool = False) -> None:
         super().__init__()
         self.up = nn.Linear(d_model, hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
         self.down.is_residual_out = True
+        self.act_scale = nn.Parameter(torch.ones(hidden)) if affine else None
+        self.act_shift = nn.Parameter(torch.zeros(hidden)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
+        h = self.up(x)
+        if self.act_scale is not None:
+            h = h * self.act_scale + self.act_shift
+        return self.down(F.gelu(h))
 
 
 def ffn_hidden(d_model: int, ffn: str, mult: float) -> int:
@@ -145,13 +184,18 @@ def ffn_hidden(d_model: int, ffn: str, mult: float) -> int:
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, ffn: str, ffn_mult: float, bias: bool, eps: float):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(d_model, eps)
-        self.attn = CausalSelfAttention(d_model, n_heads, n_kv_heads, bias)
-        self.ffn_norm = RMSNorm(d_model, eps)
-        hidden = ffn_hidden(d_model, ffn, ffn_mult)
-        self.ffn = SwiGLU(d_model, hidden, bias) if ffn == "swiglu" else GeluFFN(d_model, hidden, bias)
+        d, eps = cfg.d_model, cfg.norm_eps
+        self.attn_norm = RMSNorm(d, eps)
+        self.attn = CausalSelfAttention(d, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.bias,
+                                        qk_norm=cfg.qk_norm, softcap=cfg.attn_softcap, eps=eps)
+        self.ffn_norm = RMSNorm(d, eps)
+        hidden = ffn_hidden(d, cfg.ffn, cfg.ffn_mult)
+        if cfg.ffn == "swiglu":
+            self.ffn = SwiGLU(d, hidden, cfg.bias)
+        else:
+            self.ffn = GeluFFN(d, hidden, cfg.bias, affine=cfg.ffn == "gelu_affine")
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)

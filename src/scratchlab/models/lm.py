@@ -1,6 +1,7 @@
 """The ``lm`` family: a decoder-only, pre-norm transformer over token ids.
 
     ids [B, T] -> embedding -> n_layers x Block -> RMSNorm -> head -> logits [B, T, V] * logits_scale
+    (-> logit_softcap * tanh(logits / logit_softcap) when the cap is set)
 """
 
 from __future__ import annotations
@@ -19,12 +20,8 @@ class TransformerLM(nn.Module):
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size must be set (the trainer fills it from the data)")
         self.cfg = cfg
-        n_kv = cfg.n_kv_heads or cfg.n_heads
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, n_kv, cfg.ffn, cfg.ffn_mult, cfg.bias, cfg.norm_eps)
-            for _ in range(cfg.n_layers)
-        )
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
@@ -46,7 +43,11 @@ class TransformerLM(nn.Module):
         if cache is not None:
             cache.length += T
         logits = self.head(self.norm(x))
-        return logits * self.cfg.logits_scale if self.cfg.logits_scale != 1.0 else logits
+        if self.cfg.logits_scale != 1.0:
+            logits = logits * self.cfg.logits_scale
+        if self.cfg.logit_softcap > 0:  # Gemma-2 style: bounds the logits smoothly
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return logits
 
     @torch.no_grad()
     def attention_logit_max(self, input_ids: torch.Tensor) -> float:

@@ -50,7 +50,7 @@ from scratchlab.doctor.probes import (
     update_ratio,
 )
 from scratchlab.errors import UserError
-from scratchlab.loss import IGNORE_INDEX, token_loss
+from scratchlab.loss import IGNORE_INDEX, token_loss, z_loss
 from scratchlab.models import build_model
 from scratchlab.runs.metrics import MetricsLogger, read_metrics, truncate_after
 from scratchlab.runs.store import RunDir, environment
@@ -232,16 +232,22 @@ class Trainer:
             group["lr"] = lr
         threshold = clip_threshold_at(self.step, cfg.clip)
         started = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum, z_sum = 0.0, 0.0
         for _ in range(cfg.grad_accum):
             batch = get_batch(self.data.train, cfg.seq_len, cfg.batch_size, "random", generator=self.data_gen)
             input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
             with autocast(self.device, self.precision):
                 logits = self.model(input_ids)
             loss = token_loss(logits, labels)
-            (loss / cfg.grad_accum).backward()
+            objective = loss
+            if cfg.z_loss > 0:
+                z = z_loss(logits, labels)
+                objective = loss + cfg.z_loss * z
+                z_sum += z.item()
+            (objective / cfg.grad_accum).backward()
             loss_sum += loss.item()
         loss_value = loss_sum / cfg.grad_accum
+        extra = {"z_loss": z_sum / cfg.grad_accum} if cfg.z_loss > 0 else {}
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), threshold))
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         ratios: dict[str, float] = {}
@@ -280,6 +286,7 @@ class Trainer:
                 "clipped": clipped,
                 "clip_ratio": sum(self.clip_history) / len(self.clip_history),
                 **ratios,
+                **extra,
                 **moe_load_stats(self.model),
                 "tokens_per_s": self._interval_tokens / max(elapsed, 1e-9),
                 "time_s": round(self.prior_wall + time.time() - self._t0, 3),
