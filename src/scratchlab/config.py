@@ -35,6 +35,29 @@ class DataConfig(_Section):
     max_mb: float = Field(0.0, ge=0, description="Cap on the stdlib corpus in MB of text (0 = all of it).")
 
 
+class MoEConfig(_Section):
+    n_routed_experts: int = Field(0, ge=0, description="Routed experts per MoE FFN (0 = dense FFN).")
+    n_shared_experts: int = Field(0, ge=0, description="Always-on experts.")
+    top_k: int = Field(2, ge=1)
+    expert_ffn: Literal["gelu", "swiglu"] = "gelu"
+    expert_mult: float = Field(1.0, gt=0, description="Each expert's hidden width / d_model.")
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    balance: Literal["aux_loss", "bias"] = Field(
+        "aux_loss", description="aux_loss: Switch load-balance loss; bias: DeepSeek-V3 aux-loss-free bias."
+    )
+    aux_loss_coef: float = Field(0.01, ge=0)
+    bias_update_rate: float = Field(1e-3, ge=0)
+    capacity_factor: float = Field(0.0, ge=0, description="Drop assignments beyond cf * N * k / E per expert (0 = off).")
+
+    @model_validator(mode="after")
+    def _check_top_k(self) -> "MoEConfig":
+        if self.n_routed_experts and self.top_k > self.n_routed_experts:
+            raise ValueError(
+                f"model.moe.top_k ({self.top_k}) is above model.moe.n_routed_experts ({self.n_routed_experts})"
+            )
+        return self
+
+
 class ModelConfig(_Section):
     family: Literal["lm"] = "lm"
     n_layers: int = Field(4, ge=1)
@@ -57,6 +80,7 @@ class ModelConfig(_Section):
     attn_softcap: float = Field(0.0, ge=0, description="tanh soft-cap of attention logits (0 = off).")
     logit_softcap: float = Field(0.0, ge=0, description="tanh soft-cap of the output logits (0 = off).")
     vocab_size: int | None = Field(None, ge=2, description="Defaults to the data's vocabulary size.")
+    moe: MoEConfig = MoEConfig()
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelConfig":

@@ -54,7 +54,7 @@ def update_ratio(before: list[torch.Tensor], after: list[torch.Tensor]) -> float
     return delta_value / weight_value
 
 
-def moe_load_stats(model: nn.Module) -> dict[str, float | int]:
+def moe_load_stats(model: nn.Module) -> dict:
     """Expert load of the last forward, for models that report it; {} for dense models.
 
     The protocol: ``model.moe_load()`` returns one 1-D tensor per MoE layer with the fraction
@@ -68,7 +68,13 @@ def moe_load_stats(model: nn.Module) -> dict[str, float | int]:
     if not ratios:
         return {}
     worst = max(range(len(ratios)), key=ratios.__getitem__)
-    return {"moe_max_load_ratio": ratios[worst], "moe_worst_layer": worst}
+    stats: dict = {"moe_max_load_ratio": ratios[worst], "moe_worst_layer": worst,
+                   "moe_load": [[round(float(f), 4) for f in load] for load in report()]}
+    layers = model.moe_layers() if callable(getattr(model, "moe_layers", None)) else []
+    if layers:  # scratchlab's MoE layers also know their router entropy and dropped assignments
+        stats["moe_router_entropy"] = sum(layer.last_router_entropy for layer in layers) / len(layers)
+        stats["moe_dropped"] = sum(layer.last_dropped for layer in layers)
+    return stats
 
 
 def output_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, float]:

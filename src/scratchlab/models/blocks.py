@@ -192,7 +192,11 @@ class Block(nn.Module):
                                         qk_norm=cfg.qk_norm, softcap=cfg.attn_softcap, eps=eps)
         self.ffn_norm = RMSNorm(d, eps)
         hidden = ffn_hidden(d, cfg.ffn, cfg.ffn_mult)
-        if cfg.ffn == "swiglu":
+        if cfg.moe.n_routed_experts:
+            from scratchlab.models.moe import MoEFFN  # moe builds on this module's FFNs
+
+            self.ffn = MoEFFN(d, cfg.moe, cfg.bias)
+        elif cfg.ffn == "swiglu":
             self.ffn = SwiGLU(d, hidden, cfg.bias)
         else:
             self.ffn = GeluFFN(d, hidden, cfg.bias, affine=cfg.ffn == "gelu_affine")

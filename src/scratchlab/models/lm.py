@@ -62,6 +62,24 @@ class TransformerLM(nn.Module):
                 attn.probe_logit_max = False
         return max(attn.last_logit_max for attn in attns)
 
+    # -- mixture of experts (no-ops for a dense model)
+
+    def moe_layers(self) -> list[nn.Module]:
+        return [block.ffn for block in self.blocks if hasattr(block.ffn, "update_balance_bias")]
+
+    def moe_load(self) -> list[torch.Tensor]:
+        """Per MoE layer, the fraction of routed tokens each expert got in the last forward (the doctor reads it)."""
+        return [layer.last_load for layer in self.moe_layers()]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Load-balance loss of the last forward, already weighted by model.moe.aux_loss_coef; None if none."""
+        terms = [layer.last_aux for layer in self.moe_layers() if layer.last_aux is not None]
+        return self.cfg.moe.aux_loss_coef * torch.stack(terms).sum() if terms else None
+
+    def after_optimizer_step(self) -> None:
+        for layer in self.moe_layers():
+            layer.update_balance_bias()
+
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         attn = self.blocks[0].attn
         ref = self.tok_emb.weight

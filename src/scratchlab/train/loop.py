@@ -232,7 +232,7 @@ class Trainer:
             group["lr"] = lr
         threshold = clip_threshold_at(self.step, cfg.clip)
         started = time.perf_counter()
-        loss_sum, z_sum = 0.0, 0.0
+        loss_sum, z_sum, aux_sum = 0.0, 0.0, 0.0
         for _ in range(cfg.grad_accum):
             batch = get_batch(self.data.train, cfg.seq_len, cfg.batch_size, "random", generator=self.data_gen)
             input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
@@ -244,10 +244,16 @@ class Trainer:
                 z = z_loss(logits, labels)
                 objective = loss + cfg.z_loss * z
                 z_sum += z.item()
+            aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
+            if aux is not None:  # MoE load balancing, logged on its own as moe_aux_loss
+                objective = objective + aux
+                aux_sum += aux.item()
             (objective / cfg.grad_accum).backward()
             loss_sum += loss.item()
         loss_value = loss_sum / cfg.grad_accum
         extra = {"z_loss": z_sum / cfg.grad_accum} if cfg.z_loss > 0 else {}
+        if aux is not None:
+            extra["moe_aux_loss"] = aux_sum / cfg.grad_accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), threshold))
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         ratios: dict[str, float] = {}
@@ -259,6 +265,8 @@ class Trainer:
             groups = self.optimizer.param_groups[: len(UPDATE_RATIO_KEYS)]
             before = [snapshot(g["params"]) for g in groups] if logged else []
             self.optimizer.step()
+            if hasattr(self.model, "after_optimizer_step"):
+                self.model.after_optimizer_step()  # e.g. MoE aux-loss-free bias balancing
             for key, copy, group in zip(UPDATE_RATIO_KEYS, before, groups):
                 ratio = update_ratio(copy, group["params"])
                 if ratio is not None:
