@@ -58,6 +58,22 @@ class MoEConfig(_Section):
         return self
 
 
+class MLAConfig(_Section):
+    """Multi-head latent attention (DeepSeek-V2): low-rank queries, compressed keys/values, decoupled RoPE."""
+
+    q_lora_rank: int = Field(0, ge=0, description="Query latent width (0 = full-rank queries).")
+    kv_lora_rank: int = Field(64, ge=1, description="Compressed key/value latent width (what the KV cache stores).")
+    qk_nope_head_dim: int = Field(32, ge=1, description="Per-head content (no RoPE) part of queries/keys.")
+    qk_rope_head_dim: int = Field(16, ge=2, description="Per-head RoPE part; the rope key is shared by all heads.")
+    v_head_dim: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _check_rope(self) -> "MLAConfig":
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"model.mla.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for RoPE")
+        return self
+
+
 class ModelConfig(_Section):
     family: Literal["lm"] = "lm"
     n_layers: int = Field(4, ge=1)
@@ -81,9 +97,13 @@ class ModelConfig(_Section):
     logit_softcap: float = Field(0.0, ge=0, description="tanh soft-cap of the output logits (0 = off).")
     vocab_size: int | None = Field(None, ge=2, description="Defaults to the data's vocabulary size.")
     moe: MoEConfig = MoEConfig()
+    attention: Literal["mha", "mla"] = Field("mha", description="mha: MHA/GQA (n_kv_heads); mla: latent attention.")
+    mla: MLAConfig = MLAConfig()
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelConfig":
+        if self.attention == "mla":  # MLA sets its own head dims (model.mla.*)
+            return self
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         if (self.d_model // self.n_heads) % 2:

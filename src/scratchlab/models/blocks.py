@@ -188,8 +188,13 @@ class Block(nn.Module):
         super().__init__()
         d, eps = cfg.d_model, cfg.norm_eps
         self.attn_norm = RMSNorm(d, eps)
-        self.attn = CausalSelfAttention(d, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.bias,
-                                        qk_norm=cfg.qk_norm, softcap=cfg.attn_softcap, eps=eps)
+        if cfg.attention == "mla":
+            from scratchlab.models.mla import LatentAttention
+
+            self.attn = LatentAttention(d, cfg.n_heads, cfg.mla, cfg.bias, eps=eps)
+        else:
+            self.attn = CausalSelfAttention(d, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.bias,
+                                            qk_norm=cfg.qk_norm, softcap=cfg.attn_softcap, eps=eps)
         self.ffn_norm = RMSNorm(d, eps)
         hidden = ffn_hidden(d, cfg.ffn, cfg.ffn_mult)
         if cfg.moe.n_routed_experts:

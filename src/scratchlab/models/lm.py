@@ -24,7 +24,8 @@ class TransformerLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        rope_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.d_model // cfg.n_heads
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self, cfg.init, cfg.init_std, cfg.n_layers)
@@ -83,6 +84,12 @@ class TransformerLM(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         attn = self.blocks[0].attn
         ref = self.tok_emb.weight
+        if self.cfg.attention == "mla":
+            from scratchlab.models.mla import LatentCache
+
+            m = self.cfg.mla
+            return LatentCache(len(self.blocks), batch, max_len or self.cfg.max_seq_len, m.kv_lora_rank,
+                               m.qk_rope_head_dim, device=ref.device, dtype=ref.dtype)
         return KVCache(
             len(self.blocks),
             batch,
