@@ -64,12 +64,13 @@ def moe_load_stats(model: nn.Module) -> dict:
     report = getattr(model, "moe_load", None)
     if not callable(report):
         return {}
-    ratios = [float(load.max()) * load.numel() for load in report()]
+    loads = report()
+    ratios = [float(load.max()) * load.numel() for load in loads]
     if not ratios:
         return {}
     worst = max(range(len(ratios)), key=ratios.__getitem__)
     stats: dict = {"moe_max_load_ratio": ratios[worst], "moe_worst_layer": worst,
-                   "moe_load": [[round(float(f), 4) for f in load] for load in report()]}
+                   "moe_load": [[round(float(f), 4) for f in load] for load in loads]}
     layers = model.moe_layers() if callable(getattr(model, "moe_layers", None)) else []
     if layers:  # scratchlab's MoE layers also know their router entropy and dropped assignments
         stats["moe_router_entropy"] = sum(layer.last_router_entropy for layer in layers) / len(layers)

@@ -80,7 +80,9 @@ class LatentAttention(nn.Module):
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         k = torch.cat([k_nope, rope_key.unsqueeze(1).expand(B, H, S, c.qk_rope_head_dim)], dim=-1)
 
-        visible = torch.arange(S, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
+        visible = None
+        if self.probe_logit_max or past > 0:  # training (past == 0) uses SDPA's own causal mask
+            visible = torch.arange(S, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
         if self.probe_logit_max:
             scores = (q.float() @ k.float().transpose(-2, -1)) / q.shape[-1] ** 0.5
             self.last_logit_max = float(scores.masked_fill(~visible, float("-inf")).amax())
