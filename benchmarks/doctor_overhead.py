@@ -24,10 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 from scratchlab.config import load_config
-from scratchlab.data.text import open_text_data, prepare_stdlib
 from scratchlab.doctor.monitors import MonitorConfig, RunMonitor
 from scratchlab.runs import MetricsLogger, RunDir
-from scratchlab.train.loop import Trainer, fill_vocab, run_preflight
+from scratchlab.train.loop import Trainer, build_task, run_preflight
 from scratchlab.train.progress import Reporter
 
 
@@ -53,9 +52,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=1, help="steps per alternating block (default 1)")
     args = parser.parse_args()
     console = Console()
-    cfg = load_config("tiny-lm", ["train.max_steps=100000", *args.overrides])
-    data = open_text_data(prepare_stdlib(cfg.data.vocab_size, max_mb=4.0, announce=console.print))
-    cfg = fill_vocab(cfg, data)
+    cfg = load_config("tiny-lm", ["train.max_steps=100000", "data.max_mb=4", *args.overrides])
+    cfg, task = build_task(cfg)
 
     table = Table(title="in-loop monitors: cost per training step (tiny-lm)")
     for column in ("log_every", "median step off", "median step on", "overhead (median)", "overhead (min)"):
@@ -65,7 +63,7 @@ def main() -> None:
         for log_every in (cfg.train.log_every, 1):
             run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"log_every": log_every})})
             run = RunDir.create(tmp, f"log{log_every}")
-            trainer = Trainer(run_cfg, run, data, reporter)
+            trainer = Trainer(run_cfg, run, task, reporter)
             trainer.monitor = RunMonitor(MonitorConfig.from_config(run_cfg))
             metrics = MetricsLogger(run.metrics_file)
             step_times(trainer, metrics, 2 * args.block, args.block)  # warmup
@@ -78,7 +76,7 @@ def main() -> None:
         console.print(table)
         console.print("(steps alternate on/off, so load from other processes hits both; the min column is the least noisy)")
 
-        trainer = Trainer(cfg, None, data, Reporter(console, "lines"))
+        trainer = Trainer(cfg, None, task, Reporter(console, "lines"))
         started = time.perf_counter()
         run_preflight(trainer, trainer.reporter)
         console.print(f"preflight on the tiny-lm model and a real batch: {time.perf_counter() - started:.2f} s")

@@ -12,6 +12,7 @@ from conftest import quiet, run_tiny, tiny_overrides
 from safetensors.torch import load_file
 
 import scratchlab.train.checkpoint as checkpoint_mod
+import scratchlab.tasks.lm as lm_task
 import scratchlab.train.loop as loop
 from scratchlab.cli import main
 from scratchlab.config import ClipConfig, OptimConfig, load_config
@@ -19,7 +20,7 @@ from scratchlab.data.text import open_text_data
 from scratchlab.doctor import read_findings
 from scratchlab.models import TransformerLM
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.train import load_run_model, train
+from scratchlab.train import evaluate, load_run_model, train
 from scratchlab.train.checkpoint import latest_checkpoint, step_checkpoints
 from scratchlab.train.optim import clip_threshold_at, lr_at
 
@@ -104,7 +105,7 @@ def test_resume_can_extend_a_finished_run(data_dir, tmp_path):
 
 
 def test_nonfinite_loss_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
-    real_loss = loop.token_loss
+    real_loss = lm_task.token_loss
     calls = {"n": 0}
 
     def poisoned(logits, labels, reduction="mean"):
@@ -112,7 +113,7 @@ def test_nonfinite_loss_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
         loss = real_loss(logits, labels, reduction)
         return loss * float("nan") if calls["n"] > 5 and reduction == "mean" else loss
 
-    monkeypatch.setattr(loop, "token_loss", poisoned)
+    monkeypatch.setattr(lm_task, "token_loss", poisoned)
     with pytest.raises(loop.TrainingDiverged, match="non-finite"):
         run_tiny(data_dir, tmp_path, train__save_every=2, eval__every=100)
     run = next(tmp_path.iterdir())
@@ -163,7 +164,7 @@ def test_demo_failure_never_stops_training(data_dir, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("demo exploded")
 
-    monkeypatch.setattr(loop, "generate", broken)
+    monkeypatch.setattr(lm_task, "generate", broken)
     result = run_tiny(data_dir, tmp_path)
     assert result.status == "finished" and result.step == 8
     assert "demo exploded" in (result.run_dir / "train.log").read_text()
@@ -200,10 +201,10 @@ def test_bits_per_byte_of_a_uniform_model(data_dir):
         def forward(self, ids):
             return torch.zeros(*ids.shape, data.vocab_size)
 
-    val_loss, val_bpb = loop.evaluate(Uniform(), data.val, data.token_bytes, 32, 4, 2, torch.device("cpu"))
+    val_loss, val_bpb = evaluate(Uniform(), data.val, data.token_bytes, 32, 4, 2, torch.device("cpu"))
     assert val_loss == pytest.approx(math.log(data.vocab_size))
     stats = {}
-    assert loop.evaluate(Uniform(), data.val, data.token_bytes, 32, 4, 2, torch.device("cpu"), stats=stats) == (
+    assert evaluate(Uniform(), data.val, data.token_bytes, 32, 4, 2, torch.device("cpu"), stats=stats) == (
         val_loss, val_bpb)
     assert stats == {"val_entropy": pytest.approx(math.log(data.vocab_size)), "val_logit_max": 0.0}
     # bits/byte = (targets that are text) x log2(V) / (their bytes)

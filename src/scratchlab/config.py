@@ -33,6 +33,10 @@ class DataConfig(_Section):
     )
     vocab_size: int = Field(4096, ge=260, description="BPE vocabulary size when preparing the stdlib corpus.")
     max_mb: float = Field(0.0, ge=0, description="Cap on the stdlib corpus in MB of text (0 = all of it).")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Codes/feature folders: fraction of clips held out for validation (by file name)."
+    )
+    shuffle_tags: bool = Field(True, description="Codec LM: shuffle each clip's tag order per training sample.")
 
 
 class MoEConfig(_Section):
@@ -74,8 +78,73 @@ class MLAConfig(_Section):
         return self
 
 
+class CodecConfig(_Section):
+    """The ``codec_lm`` family: K codebooks of audio-codec tokens, delay-interleaved (patterns.py)."""
+
+    n_codebooks: int | None = Field(None, ge=1, description="K; defaults to the data's.")
+    codebook_size: int | None = Field(None, ge=2, description="Entries per codebook; defaults to the data's.")
+    pattern: Literal["parallel", "musicgen", "dia", "custom"] = "musicgen"
+    delays: list[int] | None = Field(None, description="pattern=custom: one delay per codebook (frames).")
+    codebook_weights: list[float] | None = Field(
+        None, description="Loss weight per codebook (e.g. [4,1,1,...]); None = equal."
+    )
+    conditioning: Literal["text", "none"] = Field(
+        "text", description="text: cross-attention to a byte-level encoder of the manifest text and tags."
+    )
+    text_layers: int = Field(2, ge=1, description="Byte text encoder depth.")
+    text_d_model: int = Field(128, ge=8, description="Byte text encoder width.")
+    text_heads: int = Field(4, ge=1)
+    max_text_bytes: int = Field(128, ge=2, description="Condition length in bytes (longer text is cut).")
+    frame_rate: float | None = Field(None, gt=0, description="Codec frames per second; defaults to the data's.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CodecConfig":
+        if self.pattern == "custom" and not self.delays:
+            raise ValueError("model.codec.pattern=custom needs model.codec.delays (one per codebook)")
+        if self.delays and any(d < 0 for d in self.delays):
+            raise ValueError(f"model.codec.delays must be >= 0 (got {self.delays})")
+        if self.codebook_weights and any(w < 0 for w in self.codebook_weights):
+            raise ValueError(f"model.codec.codebook_weights must be >= 0 (got {self.codebook_weights})")
+        if self.text_d_model % self.text_heads:
+            raise ValueError(
+                f"model.codec.text_d_model ({self.text_d_model}) must be divisible by model.codec.text_heads "
+                f"({self.text_heads})"
+            )
+        return self
+
+
+class CascadeConfig(_Section):
+    """The ``cascade`` family: stages of decoder blocks over continuous frames (docs/cascade.md)."""
+
+    n_stages: int = Field(2, ge=1, description="Transformer stages, each of model.n_layers blocks.")
+    residual_weights: list[float] = Field(
+        [1.0, 0.1], description="Per stage, the weight of its residual: the previous stage's output (stage 1: the input)."
+    )
+    n_features: int | None = Field(None, ge=1, description="Features per frame; defaults to the data's.")
+    rms_scaling: Literal["fixed", "learnable"] = Field(
+        "fixed", description="Output RMS = sqrt((input_rms^2 + target_rms^2)/2) (fixed), or with learnable gain/mix."
+    )
+    scale_lr_mult: float = Field(0.1, gt=0, description="learnable: the scaling scalars' LR = optim.lr x this.")
+    scale_max_norm: float = Field(0.1, ge=0, description="learnable: the scaling scalars' own grad clip (0 = off).")
+    recon: Literal["mse", "l1"] = Field("mse", description="Reconstruction loss (the logged `loss` / `val_loss`).")
+    novelty_weight: float = Field(0.85, ge=0, description="Weight of the novelty term in the objective.")
+    target: Literal["next_frame", "next_segment"] = Field(
+        "next_frame", description="next_frame: predict frame t+1; next_segment: frame t+segment_len."
+    )
+    segment_len: int = Field(4, ge=1, description="next_segment: the horizon in frames.")
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> "CascadeConfig":
+        if len(self.residual_weights) != self.n_stages:
+            raise ValueError(
+                f"model.cascade.residual_weights has {len(self.residual_weights)} values for "
+                f"model.cascade.n_stages={self.n_stages}; give one weight per stage"
+            )
+        return self
+
+
 class ModelConfig(_Section):
-    family: Literal["lm"] = "lm"
+    family: Literal["lm", "codec_lm", "cascade"] = "lm"
     n_layers: int = Field(4, ge=1)
     d_model: int = Field(256, ge=8)
     n_heads: int = Field(4, ge=1)
@@ -99,6 +168,8 @@ class ModelConfig(_Section):
     moe: MoEConfig = MoEConfig()
     attention: Literal["mha", "mla"] = Field("mha", description="mha: MHA/GQA (n_kv_heads); mla: latent attention.")
     mla: MLAConfig = MLAConfig()
+    codec: CodecConfig = CodecConfig()
+    cascade: CascadeConfig = CascadeConfig()
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelConfig":
@@ -138,6 +209,9 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     clip: ClipConfig = ClipConfig()
     z_loss: float = Field(0.0, ge=0, description="Coefficient of the auxiliary z-loss (logsumexp^2); 0 = off.")
+    uncond_prob: float = Field(
+        0.0, ge=0, le=1, description="Codec LM: fraction of samples trained with the empty condition (enables CFG)."
+    )
 
 
 class OptimConfig(_Section):
@@ -165,10 +239,37 @@ class DemoConfig(_Section):
     max_new_tokens: int = Field(64, ge=1)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    cfg_scales: list[float] = Field([1.0, 3.0], description="Codec LM: classifier-free guidance scales for demos.")
+    seconds: float = Field(2.0, gt=0, description="Codec LM: demo length in seconds (frames = seconds * frame_rate).")
 
 
 class LogConfig(_Section):
     progress: Literal["auto", "bar", "lines"] = "auto"
+    # Experiment-tracker sinks (runs/sinks.py): copies of metrics.jsonl, the config and the findings.
+    tensorboard: bool = Field(False, description="Also write TensorBoard events to RUN/tensorboard (extra: tensorboard).")
+    wandb: bool = Field(False, description="Also log to a Weights & Biases run in RUN/wandb (extra: wandb).")
+    wandb_project: str = Field("scratchlab", description="W&B project name.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: no network, upload later with `wandb sync RUN/wandb/offline-run-*`."
+    )
+    mlflow: bool = Field(False, description="Also log to an MLflow run (extra: mlflow).")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite under RUN/mlflow).")
+    mlflow_experiment: str = Field("scratchlab", description="MLflow experiment name.")
+
+
+class SignalMonitorConfig(_Section):
+    """Thresholds of the monitors of continuous outputs (eval rows of the cascade family; docs/cascade.md)."""
+
+    rms_ratio_low: float = Field(0.8, gt=0, description="output_rms_off: output RMS / target RMS below this.")
+    rms_ratio_high: float = Field(1.2, gt=0, description="output_rms_off: output RMS / target RMS above this.")
+    constant_std: float = Field(
+        0.1, ge=0, description="output_constant: output std over time / target std over time below this."
+    )
+    copy_corr: float = Field(0.3, ge=-1, le=1, description="output_copies_input: correlation with the input above this")
+    copy_novelty: float = Field(0.9, ge=0, description="... while val_novelty (1 = change not predicted) is above this.")
+    grad_norm_max: float | None = Field(
+        None, ge=0, description="grad_explosion: global grad norm above this; None = 100 for cascade, off otherwise; 0 = off."
+    )
 
 
 class DoctorConfig(_Section):
@@ -176,6 +277,7 @@ class DoctorConfig(_Section):
     allow_errors: bool = Field(False, description="Start training even when preflight reports errors.")
     overfit_steps: int = Field(0, ge=0, description="Preflight also tries to overfit one batch for this many steps.")
     monitors: bool = Field(True, description="Watch the metrics while training (clip saturation, spikes, ...).")
+    signal: SignalMonitorConfig = SignalMonitorConfig()
 
 
 class Config(_Section):

@@ -38,3 +38,27 @@ def z_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     lse = logits.reshape(-1, logits.shape[-1]).float().logsumexp(dim=-1)
     kept = labels.reshape(-1) != IGNORE_INDEX
     return lse[kept].pow(2).mean()
+
+
+def codebook_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: list[float] | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Multi-codebook loss: ``token_loss`` per codebook, then their weighted mean.
+
+    ``logits`` [B, T, K, V], ``labels`` [B, T, K]. Returns (weighted mean, per-codebook losses);
+    a codebook with no target in the batch contributes 0 and no weight (never NaN).
+    """
+    K = labels.shape[-1]
+    weights = weights or [1.0] * K
+    if len(weights) != K:
+        raise ValueError(f"{len(weights)} codebook weights for {K} codebooks")
+    per_cb, total, weight_sum = [], logits.new_zeros((), dtype=torch.float32), 0.0
+    for k in range(K):
+        labels_k = labels[..., k]
+        if bool((labels_k != IGNORE_INDEX).any()):
+            loss_k = token_loss(logits[..., k, :], labels_k)
+            total, weight_sum = total + weights[k] * loss_k, weight_sum + weights[k]
+        else:
+            loss_k = logits.new_zeros((), dtype=torch.float32)
+        per_cb.append(loss_k)
+    return total / max(weight_sum, 1e-12), per_cb

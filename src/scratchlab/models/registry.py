@@ -7,9 +7,10 @@ from collections.abc import Callable
 from torch import nn
 
 from scratchlab.config import ModelConfig
+from scratchlab.models.codec_lm import CodecLM
 from scratchlab.models.lm import TransformerLM
 
-FAMILIES: dict[str, Callable[[ModelConfig], nn.Module]] = {"lm": TransformerLM}
+FAMILIES: dict[str, Callable[[ModelConfig], nn.Module]] = {"lm": TransformerLM, "codec_lm": CodecLM}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

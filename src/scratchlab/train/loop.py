@@ -8,7 +8,6 @@ history are all restored; schedules are functions of the step).
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import threading
 import time
@@ -28,16 +27,11 @@ from scratchlab.config import (
     read_source,
     to_yaml,
 )
-from scratchlab.data.text import (
-    TextData,
-    load_tokenizer,
-    open_text_data,
-    prepare_stdlib,
-)
-from scratchlab.data.windows import WindowDataset, get_batch
+from scratchlab.data.text import load_tokenizer
 from scratchlab.doctor.findings import (
     Finding,
     make_finding,
+    read_findings,
     sort_findings,
     write_findings,
 )
@@ -50,11 +44,10 @@ from scratchlab.doctor.probes import (
     update_ratio,
 )
 from scratchlab.errors import UserError
-from scratchlab.loss import IGNORE_INDEX, token_loss, z_loss
 from scratchlab.models import build_model
 from scratchlab.runs.metrics import MetricsLogger, read_metrics, truncate_after
+from scratchlab.runs.sinks import check_sinks, open_sinks
 from scratchlab.runs.store import RunDir, environment
-from scratchlab.sample import generate
 from scratchlab.train.checkpoint import (
     BEST,
     NonFiniteModelError,
@@ -66,7 +59,7 @@ from scratchlab.train.checkpoint import (
     save_checkpoint,
 )
 from scratchlab.train.device import autocast, resolve_device, resolve_precision
-from scratchlab.train.evaluate import evaluate
+from scratchlab.tasks import Task, task_class
 from scratchlab.train.optim import build_optimizer, clip_threshold_at, lr_at
 from scratchlab.train.progress import Reporter
 
@@ -92,24 +85,10 @@ class TrainResult:
     status: str
 
 
-def load_data(cfg: Config, reporter: Reporter | None = None) -> TextData:
-    if cfg.data.path == "stdlib":
-        announce = reporter.info if reporter else None
-        return open_text_data(prepare_stdlib(cfg.data.vocab_size, cfg.data.max_mb, announce=announce))
-    return open_text_data(cfg.data.path)
-
-
-def fill_vocab(cfg: Config, data: TextData) -> Config:
-    """Set model.vocab_size from the data, or check that the configured one can hold it."""
-    if cfg.model.vocab_size is None:
-        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": data.vocab_size})})
-    if cfg.model.vocab_size < data.vocab_size:
-        raise UserError(
-            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer vocabulary "
-            f"({data.vocab_size}) in {data.root}: tokenizer/vocab mismatch; set model.vocab_size>={data.vocab_size} "
-            "or remove it to use the data's"
-        )
-    return cfg
+def build_task(cfg: Config, reporter: Reporter | None = None) -> tuple[Config, Task]:
+    """The model family's task (its data loaded) and the config with data-dependent fields filled in."""
+    task = task_class(cfg.model.family)(cfg, reporter.info if reporter else None)
+    return task.configure(cfg), task
 
 
 # ---------------------------------------------------------------- the trainer
@@ -140,9 +119,9 @@ class _StopFlag:
 
 class Trainer:
     def __init__(
-        self, cfg: Config, run: RunDir | None, data: TextData, reporter: Reporter, *, resume_from: Path | None = None
+        self, cfg: Config, run: RunDir | None, task: Task, reporter: Reporter, *, resume_from: Path | None = None
     ) -> None:
-        self.cfg, self.run, self.data, self.reporter = cfg, run, data, reporter
+        self.cfg, self.run, self.task, self.reporter = cfg, run, task, reporter
         self.device = resolve_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)
@@ -160,9 +139,10 @@ class Trainer:
         self._t0 = time.time()
         self._interval_tokens, self._interval_start = 0, time.perf_counter()  # for tokens_per_s rows
         self.monitor = RunMonitor(MonitorConfig.from_config(cfg)) if cfg.doctor.monitors else None
+        self.metrics: MetricsLogger | None = None  # set by fit(); findings also go to its tracker sinks
         if resume_from is not None:
             self._restore(resume_from)
-        self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * task.tokens_per_sample
 
     # -- state
 
@@ -232,28 +212,24 @@ class Trainer:
             group["lr"] = lr
         threshold = clip_threshold_at(self.step, cfg.clip)
         started = time.perf_counter()
-        loss_sum, z_sum, aux_sum = 0.0, 0.0, 0.0
+        loss_sum = 0.0
+        extra: dict[str, float] = {}  # the task's logged extras and moe_aux_loss, summed over micro-batches
         for _ in range(cfg.grad_accum):
-            batch = get_batch(self.data.train, cfg.seq_len, cfg.batch_size, "random", generator=self.data_gen)
-            input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-            with autocast(self.device, self.precision):
-                logits = self.model(input_ids)
-            loss = token_loss(logits, labels)
-            objective = loss
-            if cfg.z_loss > 0:
-                z = z_loss(logits, labels)
-                objective = loss + cfg.z_loss * z
-                z_sum += z.item()
+            batch = self.task.train_batch(cfg.batch_size, self.data_gen)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            out = self.task.loss(self.model, batch, self.precision)
+            objective = out.objective
+            logged = dict(out.logged)
             aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
             if aux is not None:  # MoE load balancing, logged on its own as moe_aux_loss
                 objective = objective + aux
-                aux_sum += aux.item()
+                logged["moe_aux_loss"] = aux.item()
             (objective / cfg.grad_accum).backward()
-            loss_sum += loss.item()
+            loss_sum += out.loss.item()
+            for key, value in logged.items():
+                extra[key] = extra.get(key, 0.0) + value
         loss_value = loss_sum / cfg.grad_accum
-        extra = {"z_loss": z_sum / cfg.grad_accum} if cfg.z_loss > 0 else {}
-        if aux is not None:
-            extra["moe_aux_loss"] = aux_sum / cfg.grad_accum
+        extra = {key: value / cfg.grad_accum for key, value in extra.items()}
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), threshold))
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         ratios: dict[str, float] = {}
@@ -312,26 +288,11 @@ class Trainer:
         """The batch the next step will train on, drawn from a copy of the data generator (position unchanged)."""
         generator = torch.Generator().manual_seed(0)
         generator.set_state(self.data_gen.get_state())
-        cfg = self.cfg.train
-        return get_batch(self.data.train, cfg.seq_len, cfg.batch_size, "random", generator=generator)
+        return self.task.train_batch(self.cfg.train.batch_size, generator)
 
-    def log_first_batch(self, tokenizer, n_samples: int = 2, n_ids: int = 24) -> None:
+    def log_first_batch(self) -> None:
         """Write what step 0 is fed to data_step0.txt: field note, the slicing bug was found only by looking."""
-        batch = self.first_batch()
-        lines = [f"# the first training batch: {tuple(batch['input_ids'].shape)} (showing {n_samples} samples)"]
-        for i in range(min(n_samples, len(batch["input_ids"]))):
-            ids, labels = batch["input_ids"][i], batch["labels"][i]
-            kept = labels != IGNORE_INDEX
-            lines += [
-                f"\n## sample {i}: {int(kept.sum())}/{labels.numel()} targets in the loss",
-                f"input_ids[:{n_ids}] {ids[:n_ids].tolist()}",
-                f"labels[:{n_ids}]    {labels[:n_ids].tolist()}",
-                "--- input text ---",
-                tokenizer.decode(ids.tolist(), skip_special_tokens=False),
-                "--- target text (tokens in the loss) ---",
-                tokenizer.decode(labels[kept].tolist(), skip_special_tokens=False),
-            ]
-        (self.run.path / "data_step0.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (self.run.path / "data_step0.txt").write_text(self.task.describe_batch(self.first_batch()), encoding="utf-8")
 
     def log_row(self, metrics: MetricsLogger, row: dict) -> None:
         """Every metric row goes to metrics.jsonl, then past the monitors (the doctor reads what people read)."""
@@ -351,49 +312,18 @@ class Trainer:
         style = {"error": "bold red", "warning": "yellow"}.get(finding.severity)
         self.reporter.info(str(finding), style=style)
         write_findings(self.run.path / "findings.jsonl", [finding])
+        if self.metrics is not None:
+            self.metrics.log_finding(finding)
 
     # -- evaluation and demos
 
-    def evaluate(self, stats: dict[str, float] | None = None) -> tuple[float, float]:
-        e = self.cfg.eval
-        return evaluate(
-            self.model,
-            self.data.val,
-            self.data.token_bytes,
-            self.cfg.train.seq_len,
-            e.batch_size,
-            e.batches,
-            self.device,
-            self.precision,
-            stats=stats,
-        )
+    def evaluate(self) -> dict[str, float]:
+        return self.task.evaluate(self.model, self.device, self.precision)
 
-    def demo(self, tokenizer) -> str | None:
-        """Samples at every configured temperature; never raises (a demo must not stop training)."""
-        d = self.cfg.demo
+    def demo(self) -> str | None:
+        """The task's demo samples; never raises (a demo must not stop training)."""
         try:
-            lines = [f"# step {self.step}"]
-            generator = torch.Generator(device=self.device)
-            for p, prompt in enumerate(d.prompts):
-                ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-                for t, temperature in enumerate(d.temperatures):
-                    # Reproducible per (step, prompt, temperature), and different across them.
-                    generator.manual_seed(self.cfg.train.seed * 1_000_003 + self.step * 1009 + p * 101 + t)
-                    with autocast(self.device, self.precision):
-                        new = generate(
-                            self.model,
-                            ids,
-                            d.max_new_tokens,
-                            temperature=temperature,
-                            top_k=d.top_k,
-                            top_p=d.top_p,
-                            eos_id=self.data.eos_id,
-                            generator=generator,
-                        )
-                    lines.append(f"\n## prompt={prompt!r} temperature={temperature}\n{prompt}{tokenizer.decode(new)}")
-            text = "\n".join(lines) + "\n"
-            (self.run.demos / f"step_{self.step:06d}.txt").write_text(text, encoding="utf-8")
-            return text
+            return self.task.demo(self.model, self.step, self.run.demos, self.device, self.precision)
         except Exception as exc:  # noqa: BLE001 - any demo failure is logged and training goes on
             self.reporter.info(f"warning: demo at step {self.step} failed ({type(exc).__name__}: {exc}); training continues", style="yellow")
             return None
@@ -403,11 +333,15 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg, run, rep = self.cfg, self.run, self.reporter
         self._interval_tokens, self._interval_start = 0, time.perf_counter()  # do not count set-up time
-        tokenizer = load_tokenizer(run.tokenizer_file)
-        metrics = MetricsLogger(run.metrics_file)
+        warn = lambda message: rep.info(message, style="yellow")  # noqa: E731 - a tracker failure is a warning
+        sinks = open_sinks(cfg, run.path, start_step=self.step, warn=warn)
+        metrics = self.metrics = MetricsLogger(run.metrics_file, sinks, warn=warn)
+        metrics.log_config(cfg.model_dump(mode="json"))
+        for finding in read_findings(run.path / "findings.jsonl") if self.step == 0 else []:
+            metrics.log_finding(finding)  # the preflight findings written at run start
         run.set_status("running", step=self.step)
         if self.step == 0:
-            self.log_first_batch(tokenizer)
+            self.log_first_batch()
         status = "finished"
         nonfinite_streak = 0
         try:
@@ -433,17 +367,17 @@ class Trainer:
                         )
                     last = self.step == cfg.train.max_steps
                     if self.step % cfg.eval.every == 0 or last:
-                        output_stats: dict[str, float] = {}
-                        self.last_val = self.evaluate(output_stats)
-                        val_loss, val_bpb = self.last_val
-                        self.log_row(metrics, {"step": self.step, "tokens": self.step * self.tokens_per_step,
-                                               "val_loss": val_loss, "val_bpb": val_bpb, **output_stats})
-                        rep.info(f"eval step {self.step}: val_loss {val_loss:.4f}  val_bpb {val_bpb:.4f}", style="cyan")
+                        val = self.evaluate()
+                        val_loss = val["val_loss"]
+                        self.last_val = (val_loss, val.get("val_bpb", math.nan))
+                        self.log_row(metrics, {"step": self.step, "tokens": self.step * self.tokens_per_step, **val})
+                        shown = "  ".join(f"{k} {v:.4f}" for k, v in val.items() if k in ("val_loss", "val_bpb"))
+                        rep.info(f"eval step {self.step}: {shown}", style="cyan")
                         if math.isfinite(val_loss) and val_loss < self.best_val:
                             self.best_val = val_loss
                             self.save(BEST, weights_only=True)
                     if self.step % cfg.demo.every == 0 or last:
-                        self.demo(tokenizer)
+                        self.demo()
                     if stop.signal is not None:
                         rep.stop()
                         self.save()
@@ -453,11 +387,12 @@ class Trainer:
                     if (self.step % cfg.train.save_every == 0 or last) and ok:  # never right after a non-finite step
                         self.save()
         except BaseException as exc:
+            status = "crashed"
             rep.stop()
             run.set_status("crashed", step=self.step, error=f"{type(exc).__name__}: {exc}")
             raise
         finally:
-            metrics.close()
+            metrics.close(status)
             rep.stop()
         state = self._state()
         tokens_per_s = state["tokens"] / max(self.train_time, 1e-9)
@@ -481,21 +416,15 @@ class Trainer:
 # ---------------------------------------------------------------- entry points
 
 
-PREFLIGHT_SAMPLES = 4  # enough for the batch checks; keeps preflight to seconds on a CPU
-
-
 def run_preflight(trainer: Trainer, reporter: Reporter) -> list[Finding]:
     """The doctor's checks on the real model and the real first batch, before step 0.
 
     Errors stop the run (a UserError listing them) unless ``doctor.allow_errors`` is set.
     """
-    from scratchlab.doctor.preflight import preflight
-
     cfg = trainer.cfg
-    batch = {k: v[:PREFLIGHT_SAMPLES].to(trainer.device) for k, v in trainer.first_batch().items()}
-    dataset = WindowDataset(trainer.data.train, cfg.train.seq_len, "random", seed=cfg.train.seed)
+    batch = {k: v.to(trainer.device) for k, v in trainer.first_batch().items()}
     started = time.perf_counter()
-    findings = sort_findings(preflight(trainer.model, batch, dataset=dataset, overfit_steps=cfg.doctor.overfit_steps))
+    findings = sort_findings(trainer.task.preflight(trainer.model, batch))
     errors = [f for f in findings if f.severity == "error"]
     warnings = [f for f in findings if f.severity == "warning"]
     reporter.info(f"preflight: {len(errors)} errors, {len(warnings)} warnings ({time.perf_counter() - started:.1f} s)")
@@ -550,26 +479,20 @@ def train(
         run, ckpt = None, None
 
     reporter = Reporter(console, cfg.log.progress)
+    check_sinks(cfg.log)  # a tracker extra that is missing fails here, before any data or run dir
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    data = load_data(cfg, reporter)
-    cfg = fill_vocab(cfg, data)
-    if cfg.train.seq_len + 1 > len(data.val):
-        raise UserError(
-            f"train.seq_len ({cfg.train.seq_len}) needs at least seq_len+1 validation tokens, the data has "
-            f"{len(data.val)}; lower train.seq_len or add data"
-        )
+    cfg, task = build_task(cfg, reporter)
 
     # Build (and for a resume, restore) everything before touching the run dir, so a
     # failure here leaves no empty run dir and never alters an existing run's record.
-    trainer = Trainer(cfg, run, data, reporter, resume_from=ckpt)
+    trainer = Trainer(cfg, run, task, reporter, resume_from=ckpt)
     checked = run_preflight(trainer, reporter) if ckpt is None and cfg.doctor.preflight else []
     if run is None:
         run = trainer.run = RunDir.create(cfg.train.out_dir, cfg.train.name)
         write_findings(run.path / "findings.jsonl", checked)
         run.config_file.write_text(to_yaml(cfg))
-        shutil.copyfile(data.root / "tokenizer.json", run.tokenizer_file)
-        run.write_json("data.json", {"path": str(data.root), **data.meta})
+        task.write_assets(run)
         run.write_json("env.json", environment(f"{trainer.device} ({trainer.precision})"))
         trainer.prior_wall += time.time() - wall_start  # data preparation counts as wall time
     else:
@@ -585,14 +508,17 @@ def train(
     reporter.info(f"run dir: {run.path}")
     if ckpt is not None:
         reporter.info(f"resumed from {ckpt} at step {trainer.step}")
+    size = f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params"
+    if hasattr(m, "num_params"):
+        size += f" ({m.num_params(exclude_embeddings=True) / 1e6:.2f}M non-embedding)"
+    if hasattr(m, "flops_per_token"):
+        size += f", {m.flops_per_token(cfg.train.seq_len) / 1e6:.1f} MFLOP/token (training)"
     reporter.info(
-        f"model: {m.num_params() / 1e6:.2f}M params ({m.num_params(exclude_embeddings=True) / 1e6:.2f}M non-embedding), "
-        f"{m.flops_per_token(cfg.train.seq_len) / 1e6:.1f} MFLOP/token (training); device {trainer.device}, "
-        f"precision {trainer.precision}"
+        f"model ({cfg.model.family}): {size}; "
+        f"device {trainer.device}, precision {trainer.precision}"
     )
     reporter.info(
-        f"data: {data.meta['splits']['train']['tokens']:,} train / {data.meta['splits']['val']['tokens']:,} val tokens, "
-        f"vocab {data.vocab_size}; {trainer.tokens_per_step:,} tokens/step x {cfg.train.max_steps:,} steps"
+        f"data: {task.data_summary()}; {trainer.tokens_per_step:,} tokens/step x {cfg.train.max_steps:,} steps"
     )
     try:
         result = trainer.fit()

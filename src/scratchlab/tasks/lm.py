@@ -1,0 +1,148 @@
+"""The text LM family (`model.family: lm`): BPE token windows, next-token loss, bits per byte, text demos."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scratchlab.config import Config
+from scratchlab.data.text import TextData, load_tokenizer, open_text_data, prepare_stdlib
+from scratchlab.data.windows import WindowDataset, get_batch
+from scratchlab.doctor.findings import Finding
+from scratchlab.errors import UserError
+from scratchlab.loss import IGNORE_INDEX, token_loss, z_loss
+from scratchlab.runs.store import RunDir
+from scratchlab.sample import generate
+from scratchlab.tasks.base import Batch, LossOutput, Task
+from scratchlab.train.device import autocast
+from scratchlab.train.evaluate import evaluate
+
+PREFLIGHT_SAMPLES = 4  # enough for the batch checks; keeps preflight to seconds on a CPU
+
+
+def load_text_data(cfg: Config, announce=None) -> TextData:
+    if cfg.data.path == "stdlib":
+        return open_text_data(prepare_stdlib(cfg.data.vocab_size, cfg.data.max_mb, announce=announce))
+    return open_text_data(cfg.data.path)
+
+
+class LMTask(Task):
+    family = "lm"
+
+    def __init__(self, cfg: Config, announce=None) -> None:
+        super().__init__(cfg, announce)
+        self.data = load_text_data(cfg, announce)
+        self._tokenizer = None
+        if cfg.train.seq_len + 1 > len(self.data.val):
+            raise UserError(
+                f"train.seq_len ({cfg.train.seq_len}) needs at least seq_len+1 validation tokens, the data has "
+                f"{len(self.data.val)}; lower train.seq_len or add data"
+            )
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.data.root / "tokenizer.json")
+        return self._tokenizer
+
+    # -- set-up
+
+    def configure(self, cfg: Config) -> Config:
+        """Set model.vocab_size from the data, or check that the configured one can hold it."""
+        data = self.data
+        if cfg.model.vocab_size is None:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": data.vocab_size})})
+        elif cfg.model.vocab_size < data.vocab_size:
+            raise UserError(
+                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer vocabulary "
+                f"({data.vocab_size}) in {data.root}: tokenizer/vocab mismatch; set model.vocab_size>={data.vocab_size} "
+                "or remove it to use the data's"
+            )
+        self.cfg = cfg
+        return cfg
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.cfg.train.seq_len
+
+    def data_summary(self) -> str:
+        s = self.data.meta["splits"]
+        return f"{s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens, vocab {self.data.vocab_size}"
+
+    def write_assets(self, run: RunDir) -> None:
+        shutil.copyfile(self.data.root / "tokenizer.json", run.tokenizer_file)
+        run.write_json("data.json", {"path": str(self.data.root), **self.data.meta})
+
+    # -- batches and the loss
+
+    def train_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        return get_batch(self.data.train, self.cfg.train.seq_len, batch_size, "random", generator=generator)
+
+    def loss(self, model: nn.Module, batch: Batch, precision: str = "fp32") -> LossOutput:
+        labels = batch["labels"]
+        with autocast(labels.device, precision):
+            logits = model(batch["input_ids"])
+        loss = token_loss(logits, labels)
+        objective, logged = loss, {}
+        coef = self.cfg.train.z_loss
+        if coef > 0:
+            z = z_loss(logits, labels)
+            objective = loss + coef * z
+            logged["z_loss"] = z.item()
+        return LossOutput(loss=loss, objective=objective, logged=logged, outputs=logits)
+
+    def describe_batch(self, batch: Batch, n_samples: int = 2, n_ids: int = 24) -> str:
+        tokenizer = self.tokenizer
+        lines = [f"# the first training batch: {tuple(batch['input_ids'].shape)} (showing {n_samples} samples)"]
+        for i in range(min(n_samples, len(batch["input_ids"]))):
+            ids, labels = batch["input_ids"][i], batch["labels"][i]
+            kept = labels != IGNORE_INDEX
+            lines += [
+                f"\n## sample {i}: {int(kept.sum())}/{labels.numel()} targets in the loss",
+                f"input_ids[:{n_ids}] {ids[:n_ids].tolist()}",
+                f"labels[:{n_ids}]    {labels[:n_ids].tolist()}",
+                "--- input text ---",
+                tokenizer.decode(ids.tolist(), skip_special_tokens=False),
+                "--- target text (tokens in the loss) ---",
+                tokenizer.decode(labels[kept].tolist(), skip_special_tokens=False),
+            ]
+        return "\n".join(lines) + "\n"
+
+    # -- evaluation, demos, checks
+
+    def evaluate(self, model: nn.Module, device: torch.device, precision: str) -> dict[str, float]:
+        e = self.cfg.eval
+        stats: dict[str, float] = {}
+        val_loss, val_bpb = evaluate(
+            model, self.data.val, self.data.token_bytes, self.cfg.train.seq_len, e.batch_size, e.batches,
+            device, precision, stats=stats,
+        )
+        return {"val_loss": val_loss, "val_bpb": val_bpb, **stats}
+
+    def demo(self, model: nn.Module, step: int, out_dir: Path, device: torch.device, precision: str) -> str | None:
+        d, tokenizer = self.cfg.demo, self.tokenizer
+        lines = [f"# step {step}"]
+        generator = torch.Generator(device=device)
+        for p, prompt in enumerate(d.prompts):
+            ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+            for t, temperature in enumerate(d.temperatures):
+                # Reproducible per (step, prompt, temperature), and different across them.
+                generator.manual_seed(self.cfg.train.seed * 1_000_003 + step * 1009 + p * 101 + t)
+                with autocast(device, precision):
+                    new = generate(model, ids, d.max_new_tokens, temperature=temperature, top_k=d.top_k,
+                                   top_p=d.top_p, eos_id=self.data.eos_id, generator=generator)
+                lines.append(f"\n## prompt={prompt!r} temperature={temperature}\n{prompt}{tokenizer.decode(new)}")
+        text = "\n".join(lines) + "\n"
+        (out_dir / f"step_{step:06d}.txt").write_text(text, encoding="utf-8")
+        return text
+
+    def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:
+        from scratchlab.doctor.preflight import preflight
+
+        cfg = self.cfg
+        batch = {k: v[:PREFLIGHT_SAMPLES] for k, v in batch.items()}
+        dataset = WindowDataset(self.data.train, cfg.train.seq_len, "random", seed=cfg.train.seed)
+        return preflight(model, batch, dataset=dataset, overfit_steps=cfg.doctor.overfit_steps)
