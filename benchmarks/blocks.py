@@ -56,12 +56,13 @@ def main() -> None:
     console = Console()
     console.print(f"device {device}, precision {precision}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     table = Table(title="training tokens/s by block choice")
-    for column in ("variant", "params", "KV cache B/token (bf16)", *(f"tok/s T={t}" for t in args.seq_lens.split(",")),
-                   "vs dense"):
+    seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    for column in ("variant", "params", f"MFLOP/token T={seq_lens[0]}", "KV cache B/token (bf16)",
+                   *(f"tok/s T={t}" for t in seq_lens), *(f"vs dense T={t}" for t in seq_lens)):
         table.add_column(column, justify="right")
     results: dict[str, dict[int, list[float]]] = {}
     setups = {}
-    for seq_len in map(int, args.seq_lens.split(",")):
+    for seq_len in seq_lens:
         batch = max(1, args.tokens_per_step // seq_len)
         for name, extra in VARIANTS.items():
             torch.manual_seed(0)
@@ -81,12 +82,14 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
                 if step:
                     results.setdefault(name, {}).setdefault(seq_len, []).append(batch * seq_len / (time.perf_counter() - started))
-    dense = statistics.median(results["dense MHA"][int(args.seq_lens.split(",")[0])])
+    dense = [statistics.median(results["dense MHA"][t]) for t in seq_lens]
     for name in VARIANTS:
-        model = setups[(name, int(args.seq_lens.split(",")[0]))][0]
-        rates = [statistics.median(results[name][t]) for t in map(int, args.seq_lens.split(","))]
-        table.add_row(name, f"{model.num_params() / 1e6:.2f}M", f"{kv_bytes_per_token(model):,}",
-                      *(f"{r:,.0f}" for r in rates), f"{rates[0] / dense:.2f}x")
+        model = setups[(name, seq_lens[0])][0]
+        rates = [statistics.median(results[name][t]) for t in seq_lens]
+        # flops_per_token counts the experts a token is routed to (active), not all of them
+        table.add_row(name, f"{model.num_params() / 1e6:.2f}M", f"{model.flops_per_token(seq_lens[0]) / 1e6:.1f}",
+                      f"{kv_bytes_per_token(model):,}", *(f"{r:,.0f}" for r in rates),
+                      *(f"{r / d:.2f}x" for r, d in zip(rates, dense)))
     console.print(table)
 
 

@@ -90,3 +90,41 @@ def run_tiny(data_dir: Path, out_dir: Path, **extra):
     from scratchlab.train import train
 
     return train(load_config("tiny-lm", tiny_overrides(data_dir, out_dir, **extra)), console=quiet())
+
+
+# Run records (compare / report / runs): env.json's git state pinned, so a strict A/B does not depend on
+# whether the checkout running the tests happens to be dirty.
+PINNED_GIT = {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": False, "diff_sha256": None}
+
+
+def run_pinned(data_dir: Path, out_dir: Path, crash_at_eval: bool = False, **extra) -> Path:
+    """A tiny real run with a pinned git state; ``crash_at_eval`` makes its first eval raise (a real crashed run)."""
+    from scratchlab.train.loop import Trainer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("scratchlab.runs.store.git_info", lambda cwd=None: dict(PINNED_GIT))
+        if not crash_at_eval:
+            return run_tiny(data_dir, out_dir, **extra).run_dir
+
+        def boom(self, *args, **kwargs):
+            raise RuntimeError("simulated crash in eval")
+
+        mp.setattr(Trainer, "evaluate", boom)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_tiny(data_dir, out_dir, **extra)
+        return max(Path(out_dir).iterdir(), key=lambda p: p.name)
+
+
+@pytest.fixture(scope="session")
+def record_runs(tmp_path_factory, data_dir) -> dict[str, Path]:
+    """Real tiny runs shared by the run-record tests: `a` and `b` differ only in optim.lr; `crashed` died at step 4."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {
+            "a": run_pinned(data_dir, tmp_path_factory.mktemp("runs_a"), optim__lr=3e-3),
+            "b": run_pinned(data_dir, tmp_path_factory.mktemp("runs_b"), optim__lr=1e-3),
+            "crashed": run_pinned(data_dir, tmp_path_factory.mktemp("runs_c"), crash_at_eval=True, optim__lr=3e-3),
+        }
+    finally:
+        torch.set_num_threads(threads)

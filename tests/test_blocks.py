@@ -115,3 +115,16 @@ def test_z_loss_is_trained_and_logged(data_dir, tmp_path):
     assert all(r["z_loss"] > 0 and math.isfinite(r["z_loss"]) for r in rows)
     # The reported loss stays the cross-entropy: comparable across runs with and without z-loss.
     assert rows[0]["loss"] == pytest.approx([r for r in read_metrics(plain / "metrics.jsonl") if "loss" in r][0]["loss"])
+
+
+def test_flops_per_token_uses_the_mla_head_dims():
+    from scratchlab.config import MLAConfig
+
+    mla = MLAConfig(q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=12, qk_rope_head_dim=4, v_head_dim=10)
+    model = tiny(attention="mla", mla=mla, tie_embeddings=True)
+    n = model.num_params(exclude_embeddings=True) + model.head.weight.numel()  # the tied head still computes
+    T, L, H = 16, 2, 4
+    assert model.flops_per_token(T) == 6 * n + 6 * L * T * H * (12 + 4 + 10)
+    # Standard attention keeps PaLM's 12 L d T (q.k and v widths are both d):
+    mha = tiny(tie_embeddings=False)
+    assert mha.flops_per_token(T) == 6 * mha.num_params(exclude_embeddings=True) + 12 * L * 32 * T

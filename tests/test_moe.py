@@ -10,6 +10,7 @@ import torch
 from scratchlab.config import ModelConfig, MoEConfig
 from scratchlab.models import build_model
 from scratchlab.models.blocks import GeluFFN
+from scratchlab.models import moe as moe_module
 from scratchlab.models.moe import MoEFFN
 from scratchlab.runs.metrics import read_metrics
 from scratchlab.sample import generate
@@ -24,10 +25,98 @@ def moe(**kw) -> MoEFFN:
 
 def test_one_expert_top1_equals_the_dense_ffn():
     layer = moe(n_routed_experts=1, top_k=1)
-    dense = GeluFFN(16, layer.experts[0].up.out_features, bias=False)
-    dense.load_state_dict(layer.experts[0].state_dict())
+    dense = GeluFFN(16, layer.experts.hidden, bias=False)
+    dense.load_state_dict({"up.weight": layer.experts.w_in[0], "down.weight": layer.experts.w_out[0]})
     x = torch.randn(3, 5, 16)
     torch.testing.assert_close(layer(x), dense(x))
+
+
+def reference_moe(layer: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """The MoE written the slow, obvious way: a loop over tokens and their k experts."""
+    cfg, ex = layer.cfg, layer.experts
+    E, k = cfg.n_routed_experts, cfg.top_k
+    flat = x.reshape(-1, x.shape[-1])
+    logits = layer.router(flat)
+    scores = logits.softmax(-1) if cfg.score == "softmax" else logits.sigmoid()
+    top = (scores + layer.balance_bias if cfg.balance == "bias" else scores).topk(k, -1).indices
+    weights = scores.gather(-1, top)
+    weights = weights / weights.sum(-1, keepdim=True)
+    capacity = math.ceil(cfg.capacity_factor * len(flat) * k / E) if cfg.capacity_factor else len(flat) * k
+    b_in = ex.b_in.view(E, -1) if ex.b_in is not None else torch.zeros(E, ex.w_in.shape[1])
+    b_out = ex.b_out.view(E, -1) if ex.b_out is not None else torch.zeros(E, ex.w_out.shape[1])
+    used, rows = [0] * E, []
+    for n in range(len(flat)):
+        row = layer.shared(flat[n]) if layer.shared is not None else torch.zeros_like(flat[n])
+        for j in range(k):
+            e = int(top[n, j])
+            used[e] += 1
+            if used[e] > capacity:  # the first `capacity` assignments in token order are kept
+                continue
+            h = ex.w_in[e] @ flat[n] + b_in[e]
+            if ex.swiglu:
+                gate, up = h.chunk(2)
+                h = torch.nn.functional.silu(gate) * up
+            else:
+                h = torch.nn.functional.gelu(h)
+            row = row + weights[n, j] * (ex.w_out[e] @ h + b_out[e])
+        rows.append(row)
+    return torch.stack(rows).view_as(x)
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"capacity_factor": 0.5}, {"top_k": 3, "capacity_factor": 1.0}, {"expert_ffn": "swiglu", "n_shared_experts": 1},
+    {"score": "sigmoid", "balance": "bias"},
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sorted_dispatch_equals_the_per_token_loop_with_gradients(kw, bias):
+    torch.manual_seed(0)
+    layer = MoEFFN(16, MoEConfig(**{"n_routed_experts": 4, "top_k": 2, **kw}), bias=bias)
+    with torch.no_grad():
+        if kw.get("balance") == "bias":
+            layer.balance_bias.normal_(std=0.1)  # shifts the choice only
+        for b in (layer.experts.b_in, layer.experts.b_out):
+            if b is not None:
+                b.normal_()
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    out, expected = layer(x), reference_moe(layer, x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if kw.get("capacity_factor"):
+        assert layer.last_dropped > 0
+    grad = torch.randn_like(out)
+    inputs = [x, *layer.parameters()]
+    got = torch.autograd.grad((out * grad).sum(), inputs)
+    want = torch.autograd.grad((expected * grad).sum(), inputs)
+    for name, a, b in zip(["x", *dict(layer.named_parameters())], got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_grouped_matmul_equals_the_loop_over_experts(monkeypatch):
+    layer = moe(n_routed_experts=8, capacity_factor=0.75)
+    x = torch.randn(4, 16, 16, requires_grad=True)
+    out = layer(x)
+    (grad_grouped,) = torch.autograd.grad(out.sum(), x)
+    monkeypatch.setattr(moe_module, "_use_grouped_mm", lambda device: False)  # the path for non-CPU devices
+    looped = layer(x)
+    (grad_looped,) = torch.autograd.grad(looped.sum(), x)
+    torch.testing.assert_close(looped, out)
+    torch.testing.assert_close(grad_looped, grad_grouped)
+
+
+def test_bf16_autocast_runs_experts_in_bf16_close_to_fp32():
+    layer = moe(n_shared_experts=1)
+    x = torch.randn(4, 32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), layer(x), atol=3e-2, rtol=3e-2)
+
+
+def test_expert_biases_are_vectors_so_they_get_no_weight_decay():
+    layer = moe(n_routed_experts=3)
+    layer_b = MoEFFN(16, MoEConfig(n_routed_experts=3, top_k=2), bias=True)
+    assert layer.experts.b_in is None
+    assert layer_b.experts.b_in.shape == (3 * 16,) and layer_b.experts.b_out.shape == (3 * 16,)
+    assert layer_b.experts.w_in.shape == (3, 16, 16) and layer_b.experts.w_out.shape == (3, 16, 16)
 
 
 def test_shared_experts_are_always_on():
@@ -108,13 +197,20 @@ def test_init_covers_router_and_experts(init):
     cfg = ModelConfig(n_layers=4, d_model=64, n_heads=4, vocab_size=50, init=init,
                       moe=MoEConfig(n_routed_experts=4, top_k=2))
     layer = build_model(cfg).blocks[0].ffn
-    router, down = layer.router.weight, layer.experts[0].down.weight
-    if init == "xavier":
+    router, up, down = layer.router.weight, layer.experts.w_in, layer.experts.w_out  # [E, out, in]
+    if init == "xavier":  # fans per expert (64 + 64), not over the stacked [E * out] rows
         assert router.abs().max() <= math.sqrt(6 / sum(router.shape)) + 1e-7
+        bound = math.sqrt(6 / (64 + 64))
+        assert up.abs().max() <= bound and up.abs().max() > 0.9 * bound
     else:
         assert router.std().item() == pytest.approx(0.02, rel=0.3)
+        assert up.std().item() == pytest.approx(0.02 if init != "truncated_normal" else 0.0176, rel=0.1)
+    if init == "truncated_normal":
+        assert up.abs().max() <= 0.04 and down.abs().max() <= 0.04
     if init == "depth_scaled":
-        assert down.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.2)
+        assert down.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
+    for e in range(4):  # every expert is initialised, not only the first
+        assert down[e].std().item() > 0.004
 
 
 def test_moe_trains_and_logs(data_dir, tmp_path):
@@ -125,3 +221,18 @@ def test_moe_trains_and_logs(data_dir, tmp_path):
     for r in rows:
         assert r["moe_aux_loss"] > 0 and r["moe_max_load_ratio"] >= 1.0 and r["moe_dropped"] == 0
         assert len(r["moe_load"]) == 2 and all(sum(layer) == pytest.approx(1.0, abs=1e-3) for layer in r["moe_load"])
+
+
+def test_flops_per_token_counts_active_experts_only():
+    d, T, L, V = 64, 32, 2, 50
+    cfg = ModelConfig(n_layers=L, d_model=d, n_heads=4, vocab_size=V, max_seq_len=T, tie_embeddings=False,
+                      moe=MoEConfig(n_routed_experts=8, top_k=2, n_shared_experts=1, expert_mult=2.0))
+    model = build_model(cfg)
+    hidden = 2 * d  # expert_mult 2, GELU experts: up d x h and down h x d, no biases
+    attn = 4 * d * d  # qkv + out projection
+    norms = 2 * d  # two RMSNorms per block
+    active_ffn = d * 8 + 2 * (2 * d * hidden) + 1 * (2 * d * hidden)  # router + top-2 routed + 1 shared
+    active = L * (attn + norms + active_ffn) + d + V * d  # + final norm + untied head
+    assert model.flops_per_token(T) == 6 * active + 12 * L * d * T
+    # 8 routed experts are in the parameters, 2 in the FLOPs:
+    assert model.num_params(exclude_embeddings=True) - active == L * 6 * 2 * d * hidden

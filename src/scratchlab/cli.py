@@ -30,8 +30,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from scratchlab.runs.store import run_family
     from scratchlab.sample import sample_run
 
+    family = run_family(args.run_dir)
+    if family == "codec_lm":
+        from scratchlab.sample_codec import sample_codec_run
+
+        paths = sample_codec_run(
+            args.run_dir, args.text or args.prompt, seconds=args.seconds, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, n=args.n, seed=args.seed,
+            checkpoint=args.checkpoint, out=args.out, warn=lambda line: print(line, file=sys.stderr),
+        )
+        for path in paths:
+            print(f"wrote {path}")
+        return 0
+    if family == "cascade":
+        from scratchlab.sample_cascade import sample_cascade_run
+
+        for path in sample_cascade_run(args.run_dir, seconds=args.seconds, seed=args.seed,
+                                       checkpoint=args.checkpoint, out=args.out):
+            print(f"wrote {path}")
+        return 0
     text = sample_run(
         args.run_dir,
         args.prompt,
@@ -59,6 +79,47 @@ def _cmd_data_text(args: argparse.Namespace) -> int:
         f"wrote {out}: vocab {meta['vocab_size']}, train {s['train']['tokens']:,} tokens / {s['train']['documents']} docs, "
         f"val {s['val']['tokens']:,} tokens / {s['val']['documents']} docs\nuse it with: scratchlab train data.path={out}"
     )
+    return 0
+
+
+def _cmd_data_codes(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from scratchlab.data.codes import render_summary, validate_codes_dir
+
+    summary = validate_codes_dir(args.dir, codebook_size=args.codebook_size, n_codebooks=args.n_codebooks,
+                                 on_bad="refuse" if args.refuse_bad else "skip", write_summary=True)
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        render_summary(summary, Console())
+    return 0
+
+
+def _cmd_data_synth_codes(args: argparse.Namespace) -> int:
+    from scratchlab.data.codes import write_synthetic_codes
+
+    out = write_synthetic_codes(args.out, n_clips=args.clips, T=args.frames, K=args.codebooks,
+                                codebook_size=args.codebook_size, seed=args.seed, min_T=args.min_frames)
+    print(f"wrote {args.clips} synthetic clips to {out}\ncheck it with: scratchlab data codes {out}")
+    return 0
+
+
+def _cmd_data_encode(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from scratchlab.data.codes import render_summary
+    from scratchlab.data.encode import encode_audio_dir
+
+    result = encode_audio_dir(args.audio_dir, args.out, args.codec, random_weights=args.random_weights,
+                              model=args.model, bandwidth=args.bandwidth, device=args.device, progress=print)
+    for bad in result.skipped:
+        print(f"skipped {bad.file}: {bad.reason}", file=sys.stderr)
+    render_summary(result.summary, Console())
+    if result.codec.random_weights:
+        print("note: codes from an UNTRAINED codec (--random-weights): for testing the pipeline only", file=sys.stderr)
     return 0
 
 
@@ -91,6 +152,131 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if diagnosis.ok else 1
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from scratchlab.export import export_hf
+
+    result = export_hf(args.run_dir, args.out, checkpoint=args.checkpoint)
+    print(
+        f"wrote {result.out_dir}: Llama model ({result.n_params:,} params) from {result.checkpoint.name} "
+        f"(step {result.step}), tokenizer and config; transformers' logits match scratchlab's within "
+        f"{result.max_abs_diff:.1e}\nload it with: AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r})"
+    )
+    return 0
+
+
+def _tokens(text: str) -> float:
+    """'1.4e12', '300B', '2T', '50M' -> a token or FLOP count."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(text[-1:].upper(), 1.0)
+    try:
+        return float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number (e.g. 1e21, 300B, 2T)") from None
+
+
+def _flops_list(text: str) -> list[float]:
+    return [_tokens(part) for part in text.split(",") if part.strip()]
+
+
+def _cmd_scaling_plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from scratchlab.config import load_config
+    from scratchlab.scaling.plan import plan, render_plan
+
+    base = load_config(args.base).model if args.base else None
+    p = plan(args.flops, gpu_hours=args.gpu_hours, gpu=args.gpu, mfu=args.mfu, tokens_available=args.tokens_available,
+             law=args.law, vocab_size=args.vocab_size, seq_len=args.seq_len, base=base)
+    render_plan(p, Console())
+    return 0
+
+
+def _cmd_scaling_fit(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from scratchlab.scaling.report import fit_runs, render_fit_report
+
+    report = fit_runs(args.runs, root=args.root, bootstrap=args.bootstrap, plot=None if args.no_plot else args.plot)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        render_fit_report(report, Console())
+    return 0
+
+
+def _cmd_scaling_sweep(args: argparse.Namespace) -> int:
+    from scratchlab.scaling.isoflop import isoflop_sweep
+    from scratchlab.scaling.plan import human
+
+    written = isoflop_sweep(args.flops, args.out, base=args.base, overrides=args.overrides, sizes=args.sizes,
+                            spread=args.spread, law=args.law)
+    for r in written:
+        s = r.shape
+        print(f"{r.path}  C={r.compute:.3g}  N={human(s.non_embedding_params)} ({s.n_layers}x{s.d_model}, "
+              f"{s.n_heads} heads)  D={human(r.tokens)}  max_steps={r.max_steps}")
+    print(f"{len(written)} configs; run them all with: scratchlab sweep {args.out}\n"
+          f"then fit: scratchlab scaling fit --root <the sweep's folder under train.out_dir>")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from scratchlab.sweep import dry_run, parse_grid, render_sweep, run_sweep
+
+    grid = parse_grid(args.grid or [])
+    budget = int(args.budget_tokens) if args.budget_tokens is not None else None
+    if args.dry_run:
+        print(dry_run(args.config, grid, launcher=args.launcher, nproc=args.nproc, budget_tokens=budget,
+                      overrides=args.set or []))
+        return 0
+    console = Console()
+    sweep = run_sweep(args.config, grid, budget_tokens=budget, overrides=args.set or [], console=console)
+    render_sweep(sweep, console)
+    return 0 if sweep.ok else 1
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from scratchlab.runs.index import render_runs, scan_runs
+
+    summaries = scan_runs(args.root)
+    if args.json:
+        print(json.dumps([s.to_json() for s in summaries], indent=2))
+    else:
+        render_runs(summaries, Console())
+    return 0
+
+
+def _cmd_runs_note(args: argparse.Namespace) -> int:
+    from scratchlab.runs.index import add_note
+
+    print(f"noted in {add_note(args.run_dir, args.text)}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from scratchlab.runs.compare import compare_runs, write_comparison
+
+    comparison = compare_runs(args.run_dirs, metric=args.metric)
+    print(comparison.markdown())
+    if args.out:
+        out = write_comparison(comparison, args.out)
+        print(f"wrote {out / 'compare.md'}, {out / 'compare.html'} and the plots (PNG) to {out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from scratchlab.runs.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scratchlab", description="Train autoregressive transformers from scratch.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -102,9 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("sample", help="generate text from a trained run")
+    p = sub.add_parser("sample", help="sample from a trained run: text (lm), codes (codec_lm) or frames (cascade)")
     p.add_argument("run_dir")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", default="", help="lm: the text to continue")
+    p.add_argument("--text", default="", help="codec_lm: the condition (text and tags); empty = unconditional")
+    p.add_argument("--seconds", type=float, default=5.0, help="codec_lm / cascade: length to generate")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="codec_lm: classifier-free guidance (1 = off)")
+    p.add_argument("--n", type=int, default=1, help="codec_lm: clips to sample")
+    p.add_argument("--out", default=None, help="codec_lm / cascade: output dir (default RUN/samples)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -121,11 +312,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.set_defaults(func=_cmd_data_text)
+    p = data.add_parser("codes", help="validate and summarize a codes dataset (.npy [T, K] + manifest.jsonl)")
+    p.add_argument("dir", help="folder holding manifest.jsonl and the .npy files; summary.json is written there")
+    p.add_argument("--codebook-size", type=int, default=None, help="the codec's codebook size (default: inferred)")
+    p.add_argument("--n-codebooks", type=int, default=None, help="K (default: the most common K)")
+    p.add_argument("--refuse-bad", action="store_true", help="exit 2 if any file is bad (default: skip bad files)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_data_codes)
+    p = data.add_parser("synth-codes", help="write a learnable synthetic codes dataset (tests, tiny presets)")
+    p.add_argument("out")
+    p.add_argument("--clips", type=int, default=64)
+    p.add_argument("--frames", type=int, default=200, help="frames per clip (the longest)")
+    p.add_argument("--min-frames", type=int, default=None, help="shortest clip (default: all --frames long)")
+    p.add_argument("--codebooks", type=int, default=4, help="K")
+    p.add_argument("--codebook-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_data_synth_codes)
+    p = data.add_parser("encode", help="encode audio into a codes dataset with DAC or EnCodec (needs .[audio])")
+    p.add_argument("audio_dir", help="folder of audio; NAME.txt = text, NAME.tags or the sub-folder = tags")
+    p.add_argument("--codec", choices=["dac", "encodec"], default="dac")
+    p.add_argument("--out", required=True, help="output codes dataset folder")
+    p.add_argument("--model", default=None, help="Hub id or local folder of the codec weights (default per codec)")
+    p.add_argument("--bandwidth", type=float, default=6.0, help="EnCodec kbps (1.5, 3, 6, 12, 24): sets K")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--random-weights", action="store_true",
+                   help="untrained codec of the same architecture (offline pipeline test; codes are meaningless)")
+    p.set_defaults(func=_cmd_data_encode)
 
     p = sub.add_parser("doctor", help="diagnose a run from its run dir (exit 1 when it has error findings)")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
     p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("export", help="write a run's model in another format (hf: a transformers Llama directory)")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: Hugging Face transformers (Llama)")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint name under RUN/checkpoints (default best, else latest)")
+    p.set_defaults(func=_cmd_export)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     p = config.add_parser("show", help="print the resolved config")
@@ -134,6 +358,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config_show)
     p = config.add_parser("list", help="list the shipped presets")
     p.set_defaults(func=_cmd_config_list)
+
+    scaling = sub.add_parser("scaling", help="scaling laws: plan a budget, fit your runs, IsoFLOP sweeps").add_subparsers(
+        dest="scaling_command", required=True)
+    p = scaling.add_parser("plan", help="compute-optimal model size and tokens for a budget (published fits, cited)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--flops", type=_tokens, help="training compute C in FLOPs (e.g. 5.76e23)")
+    budget.add_argument("--gpu-hours", type=float, help="GPU-hours (with --gpu and --mfu)")
+    p.add_argument("--gpu", default="h100", help="accelerator for --gpu-hours (h100, a100, h200, ...; see docs/scaling.md)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for --gpu-hours (default 0.4)")
+    p.add_argument("--tokens-available", type=_tokens, help="unique tokens in your dataset (e.g. 300B): epochs and advice")
+    p.add_argument("--law", default="besiroglu2024", help="besiroglu2024 (default), hoffmann2022 or muennighoff2023")
+    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary for the shapes' total params (default 32000)")
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for FLOPs/token (default 2048)")
+    p.add_argument("--base", default=None, help="preset or YAML whose model section the shapes follow (ffn, GQA, tying)")
+    p.set_defaults(func=_cmd_scaling_plan)
+    p = scaling.add_parser("fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta (and IsoFLOP parabolas) to finished runs")
+    p.add_argument("runs", nargs="*", help="run dirs")
+    p.add_argument("--root", default=None, help="use every run dir under this folder (e.g. runs/ or a sweep's folder)")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the uncertainty (0 = none)")
+    p.add_argument("--plot", default="scaling_fit.png", help="PNG to write (default scaling_fit.png)")
+    p.add_argument("--no-plot", action="store_true", help="write no plot")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_scaling_fit)
+    p = scaling.add_parser("sweep", help="write IsoFLOP sweep configs: several model sizes per budget, 6ND = C")
+    p.add_argument("--flops", type=_flops_list, required=True, help="budgets, comma-separated (e.g. 1e15,3e15,1e16)")
+    p.add_argument("--base", default="tiny-lm", help="preset or YAML the configs start from (default tiny-lm)")
+    p.add_argument("--out", default="isoflop-sweep", help="folder for the YAML files (default isoflop-sweep)")
+    p.add_argument("--sizes", type=int, default=5, help="model sizes per budget (default 5)")
+    p.add_argument("--spread", type=float, default=4.0, help="sizes span N_opt/spread .. N_opt*spread (default 4)")
+    p.add_argument("--law", default="besiroglu2024", help="law that centres the sizes on N_opt (default besiroglu2024)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for the base, e.g. train.batch_size=8")
+    p.set_defaults(func=_cmd_scaling_sweep)
+
+    p = sub.add_parser("sweep", help="run a grid of configs in turn (failures recorded), then compare them")
+    p.add_argument("config", help="preset, YAML file, or a folder of YAML configs (e.g. from `scaling sweep`)")
+    p.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="e.g. optim.lr=1e-4,3e-4,1e-3 model.n_layers=4,8")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a fixed override for every run (repeatable)")
+    p.add_argument("--budget-tokens", type=_tokens, help="train each run on this many tokens (sets train.max_steps)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    p.add_argument("--launcher", default="python", choices=["python", "torchrun", "slurm"],
+                   help="--dry-run output: plain commands, torchrun commands or a Slurm array script")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run for torchrun / Slurm")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("runs", help="list runs (status, steps, val loss, findings, commit); `runs note` adds a note")
+    p.add_argument("--root", default="runs", help="folder holding the run dirs (default runs)")
+    p.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    p.set_defaults(func=_cmd_runs)
+    note = p.add_subparsers(dest="runs_command").add_parser("note", help="append a timestamped note to RUN/notes.md")
+    note.add_argument("run_dir")
+    note.add_argument("text", help='hypothesis or result, in quotes')
+    note.set_defaults(func=_cmd_runs_note)
+
+    p = sub.add_parser("compare", help="compare runs: config diff, strict A/B check, matched metrics, plots")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN")
+    p.add_argument("--metric", default="val_loss", help="metrics.jsonl key to compare on (default val_loss)")
+    p.add_argument("--out", default=None, metavar="DIR", help="also write compare.md, compare.html and PNG plots here")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("report", help="write a research-log page for a run (self-contained HTML or Markdown)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, metavar="FILE", help="FILE.html or FILE.md (default RUN/report.html)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -17,13 +17,15 @@ halves are fed the same sampled tokens. Scale 1 is the conditional model exactly
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
-from scratchlab.models.codec_lm import COND_VOCAB
+from scratchlab.data.conditioning import COND_BOS, COND_PAD
 from scratchlab.sample import next_token
-
-COND_BOS, COND_PAD = COND_VOCAB - 2, COND_VOCAB - 1
 
 
 def empty_condition(n: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +50,13 @@ def generate_codes(
     top_k: int = 0,
     top_p: float = 1.0,
     cfg_scale: float = 1.0,
+    guidance: bool | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Sample ``n`` clips of at most ``max_frames`` frames.
+
+    ``guidance`` runs the doubled (cond, uncond) batch; None = when ``cfg_scale != 1``.
 
     Returns (codes, stream): per sample the reverted codes [T_i, K] (T_i frames before its
     EOS, or max_frames), and the raw delayed stream [n, L, K] as generated (BOS/PAD/EOS included).
@@ -71,7 +76,7 @@ def generate_codes(
         if length > model.cfg.max_seq_len:
             raise ValueError(f"{max_frames} frames need {length} stream positions > model.max_seq_len="
                              f"{model.cfg.max_seq_len}; ask for fewer frames")
-        guided = cfg_scale != 1.0 and model.conditioned
+        guided = (cfg_scale != 1.0 if guidance is None else guidance) and model.conditioned
         if model.conditioned:
             if cond_ids is None:
                 cond_ids, cond_mask = empty_condition(n, 1, device)
@@ -139,3 +144,65 @@ def codebook_coverage(codes: list[torch.Tensor], codebook_size: int) -> list[flo
         for k in range(K):
             used[k].update(c[:, k].tolist())
     return [len(u) / codebook_size for u in used]
+
+
+def sample_codec_run(
+    run_dir: str | Path,
+    text: str = "",
+    *,
+    seconds: float = 5.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    cfg_scale: float = 1.0,
+    n: int = 1,
+    seed: int | None = None,
+    checkpoint: str | None = None,
+    out: str | Path | None = None,
+    warn=None,
+) -> list[Path]:
+    """Sample ``n`` clips from a codec_lm run and save each as ``[T, K]`` int32 codes (.npy); returns the paths.
+
+    ``text`` is the condition (text and tags as in the manifest; empty = unconditional).
+    ``warn`` (callable) receives warnings, e.g. CFG on a model never trained unconditionally.
+    """
+    from scratchlab.data.conditioning import collate_conditions, condition_ids
+    from scratchlab.errors import UserError
+    from scratchlab.sample import check_sampling_options
+    from scratchlab.tasks.codec import pattern_for
+    from scratchlab.train.loop import load_run
+
+    check_sampling_options(1, temperature, top_k, top_p)
+    if seconds <= 0 or n < 1:
+        raise UserError(f"--seconds must be > 0 and --n >= 1 (got {seconds}, {n})")
+    cfg, model = load_run(run_dir, checkpoint)
+    c = cfg.model.codec
+    if cfg.model.family != "codec_lm":
+        raise UserError(f"run {run_dir} is a {cfg.model.family} run; this sampler is for codec_lm runs")
+    if cfg_scale != 1.0 and cfg.train.uncond_prob == 0 and warn is not None:
+        warn(f"warning: --cfg-scale {cfg_scale} on a model trained with train.uncond_prob=0: the unconditional branch "
+             "was never trained, so guidance extrapolates from noise; retrain with train.uncond_prob=0.1-0.2 or use "
+             "--cfg-scale 1")
+    if text and c.conditioning == "none" and warn is not None:
+        warn("warning: this model is unconditioned (model.codec.conditioning=none); --text is ignored")
+    pattern = pattern_for(cfg, c.n_codebooks)
+    frame_rate = c.frame_rate or 50.0
+    frames = max(1, int(round(seconds * frame_rate)))
+    room = cfg.model.max_seq_len - 1 - pattern.max_delay
+    if frames > room:
+        raise UserError(f"--seconds {seconds} is {frames} frames; the model's context holds {room} "
+                        f"({room / frame_rate:.2f} s at {frame_rate:g} frames/s); ask for less")
+    ids, mask = collate_conditions([condition_ids(text, (), c.max_text_bytes)] * n)
+    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    codes, _ = generate_codes(model, list(pattern.delays), frames, cond_ids=ids, cond_mask=mask, n=n,
+                              temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                              generator=generator)
+    out_dir = Path(out) if out is not None else Path(run_dir) / "samples"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    paths = []
+    for i, clip in enumerate(codes):
+        path = out_dir / f"{stamp}_{i}.npy"
+        np.save(path, clip.cpu().numpy().astype(np.int32))
+        paths.append(path)
+    return paths

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from scratchlab.errors import UserError
+from scratchlab.patterns import DelayPattern, SpecialIds, training_pair
 
 WindowMode = Literal["random", "fixed"]
 
@@ -103,3 +104,86 @@ class WindowDataset(torch.utils.data.Dataset):
         window = make_windows(self.tokens, starts, self.seq_len)
         return {"input_ids": window["input_ids"][0], "labels": window["labels"][0],
                 "window_start": int(starts[0]), "clip_len": len(self.tokens)}
+
+
+def clip_window_starts(
+    clip_lens: np.ndarray | list[int],
+    window: int,
+    batch_size: int,
+    mode: WindowMode,
+    *,
+    generator: torch.Generator | None = None,
+    batch_index: int = 0,
+    count: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(clip index, start) of one batch of windows of ``window`` frames over several clips.
+
+    A window never crosses a clip boundary. Every valid (clip, start) pair is one position of a
+    virtual stream, drawn by `window_starts` with the same two modes: ``random`` uniform over all
+    positions (so a long clip is drawn in proportion to its windows), ``fixed`` evenly spread.
+    Clips shorter than ``window`` hold no position.
+    """
+    room = np.maximum(np.asarray(clip_lens, dtype=np.int64) - window + 1, 0)  # valid starts per clip
+    total = int(room.sum())
+    if total == 0:
+        raise UserError(
+            f"no clip holds a window of {window} frames (longest clip: {int(max(clip_lens, default=0))}); "
+            "lower train.seq_len or add longer clips"
+        )
+    # A stream of total + window - 1 items with windows of window-1 (+1) items has exactly `total` starts.
+    flat = window_starts(total + window - 1, window - 1, batch_size, mode,
+                         generator=generator, batch_index=batch_index, count=count)
+    ends = np.cumsum(room)
+    clip = np.searchsorted(ends, flat, side="right")
+    start = flat - (ends[clip] - room[clip])
+    return clip.astype(np.int64), start.astype(np.int64)
+
+
+# -- codec clips: one crop per clip, then the delay pattern (see patterns.py and docs/codec-data.md)
+
+
+def clip_window_start(
+    length: int, window: int, mode: WindowMode, *, generator: torch.Generator | None = None, index: int = 0
+) -> int:
+    """First frame of a ``window``-frame crop of a clip of ``length`` frames.
+
+    ``random`` (training): uniform over every start, drawn from ``generator``. ``fixed`` (eval):
+    sample ``index`` takes the clip's start, middle or end in turn (index mod 3), so evaluation
+    covers openings, middles and EOS endings and is the same on every call. A clip no longer than
+    the window starts at 0 (it is padded, not dropped).
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1 frame, got {window}")
+    last_start = max(length - window, 0)
+    if mode == "random":
+        if generator is None:
+            raise ValueError("random windows need a torch.Generator (its state is the data position)")
+        return int(torch.randint(0, last_start + 1, (1,), generator=generator))
+    if mode == "fixed":
+        return last_start * (index % 3) // 2
+    raise ValueError(f"unknown window mode {mode!r}; use 'random' or 'fixed'")
+
+
+def codes_window(
+    codes: np.ndarray, start: int, window: int, pattern: DelayPattern, special: SpecialIds
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)``, each ``[window + 1 + max_delay, K]`` int64, for the crop at ``start``.
+
+    The targets are the crop's frames (at most ``window``) and, when the crop reaches the clip's
+    end, the staggered EOS. Frames after a mid-clip crop stay in the stream as context only
+    (labels -100), so the inputs look as they will when sampling a longer piece; a shorter stream
+    (short clip, or a crop near the end) is padded with PAD (labels -100) to the fixed length.
+    """
+    length = int(codes.shape[0])
+    n_frames = min(window, length - start)
+    if n_frames < 0 or start < 0:
+        raise ValueError(f"crop start {start} outside a clip of {length} frames")
+    seq_len = window + 1 + pattern.max_delay
+    context = np.asarray(codes[start : start + window + pattern.max_delay])
+    reaches_end = start + len(context) == length
+    stream = torch.from_numpy(pattern.apply(context, special, eos=reaches_end))[:seq_len]
+    if len(stream) < seq_len:
+        tail = torch.full((seq_len - len(stream), pattern.n_codebooks), special.pad, dtype=torch.long)
+        stream = torch.cat([stream, tail])
+    input_ids, labels = training_pair(stream, special, pattern, n_frames, eos=start + n_frames == length)
+    return input_ids, labels

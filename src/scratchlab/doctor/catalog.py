@@ -82,6 +82,25 @@ register("run_crashed", "error", "The run crashed",
 register("moe_imbalance", "warning", "Mixture-of-experts load is imbalanced",
          "The router sends most tokens to a few experts; the others do not learn.",
          "Raise the load-balance loss coefficient or use bias-based (aux-loss-free) balancing.")
+register("grad_explosion", "warning", "Gradient norm far above its healthy range",
+         "Usually a few parameters: learnable scalars (log-scales through exp(), mixing weights) whose gradients "
+         "sum over every output value; at a high LR they run away and the run goes NaN a few steps later.",
+         "Look at the parameters in the evidence (top 5 by gradient norm); fix that scale instead of learning it "
+         "(cascade: model.cascade.rms_scaling=fixed), or give it a lower LR and its own clip "
+         "(model.cascade.scale_lr_mult, scale_max_norm), or lower optim.lr.")
+register("output_rms_off", "warning", "Output RMS out of line with the target's",
+         "The output scale drifted: a learnable gain or mixing weight ran away, or the scaling uses the wrong "
+         "reference.",
+         "Use fixed RMS scaling (model.cascade.rms_scaling=fixed); check the gain in the train rows (rms_gain).")
+register("output_constant", "warning", "The output is (nearly) constant over time",
+         "The model collapsed to a mean frame: the input does not reach the output, or the loss is minimised by "
+         "predicting the average (too high an LR early, a dead stage).",
+         "Check the input path with the preflight and overfit-one-batch checks; lower optim.lr; look at the demos.")
+register("output_copies_input", "warning", "The output copies the input instead of predicting what changes",
+         "The model found the copy-last-frame solution: output correlates with the input while the change from "
+         "the last input frame is not predicted (val_novelty near 1); a strong residual path makes this easy.",
+         "Compare val_loss with val_copy_baseline; raise model.cascade.novelty_weight, lower the last stage's "
+         "residual weight, train longer, or check that targets are shifted (next frame, not the same frame).")
 
 
 def catalog_markdown() -> str:

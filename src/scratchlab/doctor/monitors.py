@@ -7,7 +7,8 @@ episode, reported once when it starts; it is reported again only after it has en
 exactly what the calls to `observe` returned, in order.
 
 Codes: clip_saturated, loss_spike, loss_flat, overfitting, nonfinite, update_ratio, moe_imbalance (train rows),
-entropy_collapse, logit_growth (eval rows) (docs/findings.md). The last three read optional keys
+entropy_collapse, logit_growth (eval rows), grad_explosion (both), output_rms_off, output_constant,
+output_copies_input (eval rows of continuous-output models) (docs/findings.md). The last three read optional keys
 (update_ratio, val_entropy, val_logit_max, val_attn_logit_max): rows without them, as in older runs, are skipped.
 """
 
@@ -101,12 +102,32 @@ class MonitorConfig:
     logit_growth_evals: int = 3
     logit_growth_factor: float = 2.0
     logit_level: float = 30.0
+    # Continuous outputs (eval rows of the cascade family; config doctor.signal; docs/cascade.md):
+    # output_rms_off: val_rms_ratio (output RMS / target RMS) outside [rms_ratio_low, rms_ratio_high];
+    # output_constant: val_output_std_ratio (output std over time / target's) below constant_std;
+    # output_copies_input: after the warmup, val_input_corr above copy_corr while val_novelty (1 - mean
+    # cosine of the predicted and the true change from the last input frame) is above copy_novelty.
+    # A smooth signal's next frame correlates with the current one (the synthetic signal: ~0.9), so the
+    # correlation alone cannot tell copying from predicting: the change must be missed too.
+    rms_ratio_low: float = 0.8
+    rms_ratio_high: float = 1.2
+    constant_std: float = 0.1
+    copy_corr: float = 0.3
+    copy_novelty: float = 0.9
+    # grad_explosion: grad_norm (train rows, pre-clip) or val_grad_norm (eval rows) above grad_norm_max;
+    # 0 = off (the default here; from_config turns it on at 100 for the cascade family). The evidence
+    # names the top parameters by gradient norm from the row's grad_top, else the latest one seen.
+    grad_norm_max: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides: Any) -> MonitorConfig:
         """Defaults, with the warmup taken from a run's config (LR and clip-threshold warmups)."""
         warmup = max(cfg.optim.warmup_steps, cfg.train.clip.warmup_steps)
-        return cls(**{"warmup_steps": warmup, **overrides})
+        s = cfg.doctor.signal
+        grad_max = s.grad_norm_max if s.grad_norm_max is not None else (100.0 if cfg.model.family == "cascade" else 0.0)
+        signal = dict(rms_ratio_low=s.rms_ratio_low, rms_ratio_high=s.rms_ratio_high, constant_std=s.constant_std,
+                      copy_corr=s.copy_corr, copy_novelty=s.copy_novelty, grad_norm_max=grad_max)
+        return cls(**{"warmup_steps": warmup, **signal, **overrides})
 
 
 # ---------------------------------------------------------------- small helpers
@@ -202,6 +223,7 @@ class RunMonitor:
         self._logit_max = {key: deque(maxlen=c.logit_growth_evals) for key in LOGIT_KEYS}  # key -> (step, value)
         self._episodes: dict[str, _Episode] = {}
         self._moe_streak = 0  # consecutive logged rows with an overloaded expert
+        self._grad_top: tuple[int, list] | None = None  # (step, top parameters by grad norm) last seen in a row
 
     def observe(self, row: Row) -> list[Finding]:
         """Findings that start at this row (train or eval row of metrics.jsonl)."""
@@ -209,6 +231,8 @@ class RunMonitor:
         if not isinstance(step, (int, float)) or isinstance(step, bool):
             return []
         step = int(step)
+        if isinstance(row.get("grad_top"), list):  # attribution for the grad/signal findings
+            self._grad_top = (step, row["grad_top"][:5])
         if "val_loss" in row:
             found = self._observe_eval(step, row)
         elif "loss" in row:
@@ -235,7 +259,8 @@ class RunMonitor:
         _push(self._recent, point, self.config.clip_window_steps)
         _push(self._flat, point, self.config.flat_window_steps)
         return [spike, self._check_clip(step, row), self._check_train_flat(step, row),
-                self._check_update_ratio(step, row), self._check_moe(step, row)]
+                self._check_update_ratio(step, row), self._check_moe(step, row),
+                self._check_grad_norm(step, row, "grad_norm"), self._check_scale_factor(step, row)]
 
     def _nonfinite_train(self, step: int, loss: float | None, grad_norm: float | None) -> Finding:
         values = {k: _ev(v) for k, v in (("loss", loss), ("grad_norm", grad_norm)) if v is not None}
@@ -382,7 +407,8 @@ class RunMonitor:
         self._evals.append(_Eval(step, val_loss, statistics.median(recent) if recent else None))
         return [self._check_val_flat(step), self._check_overfitting(step),
                 self._check_entropy(step, val_loss, row),
-                *(self._check_logit_growth(step, row, key) for key in LOGIT_KEYS)]
+                *(self._check_logit_growth(step, row, key) for key in LOGIT_KEYS),
+                self._check_grad_norm(step, row, "val_grad_norm"), *self._check_signal(step, row)]
 
     def _check_val_flat(self, step: int) -> Finding | None:
         c = self.config
@@ -463,6 +489,93 @@ class RunMonitor:
             step=step, logits=which, key=key, value=_ev(value), first_step=first_step,
             values=[_ev(v) for v in window], level=c.logit_level,
         )
+
+
+    # -- gradient norm and continuous outputs
+
+    def _attribution(self) -> dict:
+        """Evidence naming the top parameters by gradient norm (from the latest row that carried them)."""
+        if self._grad_top is None:
+            return {"parameters": None}
+        return {"parameters": self._grad_top[1], "parameters_step": self._grad_top[0]}
+
+    def _check_grad_norm(self, step: int, row: Row, key: str) -> Finding | None:
+        c = self.config
+        norm = _num(row, key)
+        if c.grad_norm_max <= 0 or norm is None or not math.isfinite(norm):
+            return None  # off, absent, or non-finite (the nonfinite check speaks for that)
+        if not self._episode(f"grad_explosion:{key}").update(norm > c.grad_norm_max):
+            return None
+        evidence = self._attribution()
+        names = ", ".join(str(p.get("name")) for p in (evidence["parameters"] or [])[:3]) or "not measured"
+        where = "training step" if key == "grad_norm" else "eval batch"
+        return make_finding(
+            "grad_explosion",
+            f"gradient norm {norm:.4g} on the {where} at step {step}, above {c.grad_norm_max:g}; top parameters "
+            f"by gradient norm: {names}",
+            step=step, key=key, grad_norm=_ev(norm), bound=c.grad_norm_max, lr=_num(row, "lr"), **evidence,
+        )
+
+    def _check_scale_factor(self, step: int, row: Row) -> Finding | None:
+        """output_rms_off from train rows: a learnable RMS scaling's factor over the fixed one (1 at init).
+
+        Adam moves each scalar by about the LR per step whatever its gradient, so a mixing weight walks
+        to zero and the reference RMS turns into sqrt(negative) = NaN without any gradient spike first:
+        the factor leaving its range is the warning that comes in time (rows of models that log it).
+        """
+        c = self.config
+        factor = _num(row, "rms_scale_factor")
+        if factor is None:
+            return None
+        off = not (math.isfinite(factor) and c.rms_ratio_low <= factor <= c.rms_ratio_high)
+        if not self._episode("output_rms_off:train").update(off):
+            return None
+        mix = [_num(row, "rms_mix_in"), _num(row, "rms_mix_ctx")]
+        danger = " (a mixing weight near or below 0: the reference RMS becomes sqrt of a negative, NaN)" if any(
+            m is not None and m <= 0.1 for m in mix) else ""
+        return make_finding(
+            "output_rms_off",
+            f"the learnable RMS scaling multiplies the output by {factor:.3g} at step {step} (gain "
+            f"{_num(row, 'rms_gain')}, mix {mix}; healthy {c.rms_ratio_low:g}-{c.rms_ratio_high:g}){danger}",
+            step=step, rms_scale_factor=_ev(factor), rms_gain=_num(row, "rms_gain"), rms_mix=mix,
+            low=c.rms_ratio_low, high=c.rms_ratio_high, lr=_num(row, "lr"), **self._attribution())
+
+    def _check_signal(self, step: int, row: Row) -> list[Finding | None]:
+        c = self.config
+        ratio, std_ratio = _num(row, "val_rms_ratio"), _num(row, "val_output_std_ratio")
+        corr, novelty = _num(row, "val_input_corr"), _num(row, "val_novelty")
+        found: list[Finding | None] = []
+        if ratio is not None and math.isfinite(ratio):
+            off = not c.rms_ratio_low <= ratio <= c.rms_ratio_high
+            if self._episode("output_rms_off").update(off):
+                found.append(make_finding(
+                    "output_rms_off",
+                    f"output RMS is {ratio:.3g}x the target's at step {step} (healthy {c.rms_ratio_low:g}-"
+                    f"{c.rms_ratio_high:g}): the output scale drifted",
+                    step=step, rms_ratio=_ev(ratio), low=c.rms_ratio_low, high=c.rms_ratio_high,
+                    rms_gain=_num(row, "rms_gain"), **self._attribution()))
+        if std_ratio is not None and math.isfinite(std_ratio):
+            if self._episode("output_constant").update(std_ratio < c.constant_std):
+                found.append(make_finding(
+                    "output_constant",
+                    f"the output hardly moves over time at step {step}: its std over time is {std_ratio:.3g}x the "
+                    f"target's (below {c.constant_std:g})",
+                    step=step, output_std_ratio=_ev(std_ratio), output_std=_num(row, "val_output_std"),
+                    bound=c.constant_std, **self._attribution()))
+        if corr is not None and novelty is not None and math.isfinite(corr) and math.isfinite(novelty):
+            copying = step > c.warmup_steps and corr > c.copy_corr and novelty > c.copy_novelty
+            if self._episode("output_copies_input").update(copying):
+                baseline = _num(row, "val_copy_baseline")
+                found.append(make_finding(
+                    "output_copies_input",
+                    f"the output follows the input (correlation {corr:.3g} > {c.copy_corr:g}) but not its change "
+                    f"(val_novelty {novelty:.3g} > {c.copy_novelty:g}) at step {step}: the model copies the last "
+                    f"frame (val_loss {_num(row, 'val_loss'):.4g} vs copy baseline "
+                    f"{baseline if baseline is None else f'{baseline:.4g}'})",
+                    step=step, input_corr=_ev(corr), novelty=_ev(novelty), copy_corr=c.copy_corr,
+                    copy_novelty=c.copy_novelty, val_loss=_num(row, "val_loss"), val_copy_baseline=baseline,
+                    **self._attribution()))
+        return found
 
 
 def _push(window: deque[_Point], point: _Point, steps: int) -> None:

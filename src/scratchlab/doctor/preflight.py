@@ -5,6 +5,9 @@
 
 The model can be any ``nn.Module`` whose ``forward(input_ids)`` takes integer ids [B, T] (text) or
 [B, T, K] (K codebooks) and returns logits [B, T, V] / [B, T, K, V], or an object with ``.logits``.
+The leak checks (`check_causal_leak`, `check_batch_leak`) also take continuous frames: float
+``input_ids`` [B, T, F] and outputs [B, T', F'] on the same time axis (T' <= T); a perturbed frame
+is the frame plus Gaussian noise of the batch's per-feature std.
 ``batch`` is ``{"input_ids", "labels"}`` (labels -100 = ignored); ``dataset`` is an optional map-style
 Dataset of such dicts (one sample each, no batch dim). Items may carry ``window_start`` (int) and
 ``clip_len`` (tokens/frames in the source clip): with them the crop check is precise (it knows how many
@@ -110,6 +113,11 @@ def _forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         logits = out
     if not torch.is_tensor(logits):
         raise TypeError(f"forward returned {type(out).__name__}; expected logits or an object with .logits")
+    if ids.is_floating_point():  # continuous frames [B, T, F] -> outputs [B, T', F'] on the same time axis
+        if logits.ndim != ids.ndim or logits.shape[0] != ids.shape[0]:
+            raise ValueError(f"outputs of shape {tuple(logits.shape)} for continuous inputs of shape "
+                             f"{tuple(ids.shape)}; expected [B, T, F] for [B, T, F]")
+        return logits.float()
     if logits.ndim != ids.ndim + 1 or tuple(logits.shape[: ids.ndim]) != tuple(ids.shape):
         raise ValueError(f"logits of shape {tuple(logits.shape)} for input_ids of shape {tuple(ids.shape)}; "
                          "expected [B, T, V] for [B, T] or [B, T, K, V] for [B, T, K]")
@@ -148,6 +156,8 @@ def _other_ids(x: torch.Tensor, pool: torch.Tensor, generator: torch.Generator) 
     Ids seen in the batch are valid for the embedding; for codebooks ([..., K]) each codebook draws from
     its own ids, since codebooks may have vocabularies of different sizes.
     """
+    if pool.is_floating_point():  # continuous frames: a different value, not an id
+        return _other_frames(x, pool, generator)
     if pool.ndim == 3:
         return torch.stack([_other_ids(x[..., k], pool[..., k], generator) for k in range(pool.shape[-1])], dim=-1)
     values = pool.unique()  # sorted
@@ -157,6 +167,13 @@ def _other_ids(x: torch.Tensor, pool: torch.Tensor, generator: torch.Generator) 
     where = torch.searchsorted(values, x.contiguous())
     shift = torch.randint(1, values.numel(), x.shape, generator=generator).to(x.device)
     return values[(where + shift) % values.numel()]
+
+
+def _other_frames(x: torch.Tensor, pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Continuous ``x`` moved by Gaussian noise of the batch's per-feature std: a clearly different frame."""
+    std = pool.float().reshape(-1, pool.shape[-1]).std(dim=0).clamp_min(1e-3)
+    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    return (x.float() + noise * std).to(x.dtype)
 
 
 def _abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,9 @@ from scratchlab.config import ModelConfig
 from scratchlab.models.blocks import Block, KVCache, RMSNorm, SwiGLU, ffn_hidden, rope_tables
 from scratchlab.models.init import init_weights
 
+from scratchlab.data.conditioning import COND_BOS, COND_VOCAB
+
 N_SPECIAL = 3  # BOS, PAD, EOS live above the codebook (patterns.SpecialIds)
-COND_VOCAB = 258  # 256 bytes + COND_BOS + COND_PAD (data/codes.py)
 
 
 class Attention(nn.Module):
@@ -67,7 +68,7 @@ class TextEncoder(nn.Module):
         c = cfg.codec
         d = c.text_d_model
         self.emb = nn.Embedding(COND_VOCAB, d)
-        self.pos = nn.Embedding(c.max_text_bytes, d)
+        self.pos = nn.Embedding(c.max_text_bytes + 1, d)  # + COND_BOS
         self.layers = nn.ModuleList()
         for _ in range(c.text_layers):
             layer = nn.Module()
@@ -151,7 +152,7 @@ class CodecLM(nn.Module):
                 cross_kv, memory_mask = cache.cross  # the condition is encoded once per generation
             else:
                 if cond_ids is None:  # unconditional: the empty condition, as trained with uncond_prob
-                    cond_ids = torch.full((B, 1), COND_VOCAB - 2, dtype=torch.long, device=codes.device)
+                    cond_ids = torch.full((B, 1), COND_BOS, dtype=torch.long, device=codes.device)
                 memory, memory_mask = self.encode_condition(cond_ids, cond_mask)
                 if cache is not None:
                     cross_kv = [block.cross.keys_values(memory) for block in self.blocks]

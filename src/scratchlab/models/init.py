@@ -5,14 +5,19 @@
 - ``depth_scaled``: ``normal``, with residual output projections (attention out, FFN down)
   at init_std / sqrt(2 * n_layers) so the residual stream does not grow with depth (GPT-2).
 - ``truncated_normal``: N(0, init_std) truncated at +-2 std.
-Biases start at zero and norm weights at one in every scheme.
+Biases start at zero and norm weights at one in every scheme. Stacked expert weights
+(``GroupedExperts``: [E, out, in]) are initialised as E separate linear layers, their
+output projection (``w_out``) counting as a residual output.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
+
+from scratchlab.models.moe import GroupedExperts
 
 INIT_SCHEMES = ("normal", "xavier", "depth_scaled", "truncated_normal")
 
@@ -32,8 +37,25 @@ def init_weights(model: nn.Module, scheme: str, std: float, n_layers: int) -> No
                 nn.init.normal_(module.weight, std=residual_std if is_residual else std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, GroupedExperts):
+            for weight, residual in ((module.w_in, False), (module.w_out, True)):
+                _init_stacked(weight, scheme, residual_std if residual and scheme == "depth_scaled" else std)
+            for b in (module.b_in, module.b_out):
+                if b is not None:
+                    nn.init.zeros_(b)
         elif isinstance(module, nn.Embedding):
             if scheme == "truncated_normal":
                 nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
             else:
                 nn.init.normal_(module.weight, std=std)
+
+
+def _init_stacked(weight: torch.Tensor, scheme: str, std: float) -> None:
+    """[E, out, in] matrices, each as an nn.Linear weight (xavier's fans are per expert, not E * out)."""
+    if scheme == "xavier":
+        bound = math.sqrt(6 / (weight.shape[-1] + weight.shape[-2]))
+        nn.init.uniform_(weight, -bound, bound)
+    elif scheme == "truncated_normal":
+        nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+    else:
+        nn.init.normal_(weight, std=std)

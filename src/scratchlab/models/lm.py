@@ -105,7 +105,20 @@ class TransformerLM(nn.Module):
         return total - self.tok_emb.weight.numel() if exclude_embeddings else total
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x non-embedding params (incl. the head) + attention (PaLM appendix B)."""
+        """Training FLOPs per token: 6 x ACTIVE non-embedding params (incl. the head) + attention (PaLM appendix B).
+
+        A token passes through top_k of the n_routed_experts of a MoE layer (plus the shared
+        experts and the router), so only those count; tokens dropped by a capacity factor are
+        not subtracted (an upper bound). Attention is 6 T x (q.k width + v width) per layer:
+        12 L d T for MHA/GQA, and the MLA head dims for latent attention.
+        """
         n = self.num_params(exclude_embeddings=True) + (self.head.weight.numel() if self.cfg.tie_embeddings else 0)
-        attention = 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
-        return 6 * n + attention
+        for layer in self.moe_layers():
+            routed = sum(p.numel() for p in layer.experts.parameters())
+            n -= routed - routed * layer.cfg.top_k // layer.cfg.n_routed_experts
+        if self.cfg.attention == "mla":
+            m = self.cfg.mla
+            width = self.cfg.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+        else:
+            width = 2 * self.cfg.d_model
+        return 6 * n + 6 * self.cfg.n_layers * width * seq_len

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from torch import nn
 
 from scratchlab.config import ModelConfig
+from scratchlab.models.cascade import CascadeModel
 from scratchlab.models.codec_lm import CodecLM
 from scratchlab.models.lm import TransformerLM
 
-FAMILIES: dict[str, Callable[[ModelConfig], nn.Module]] = {"lm": TransformerLM, "codec_lm": CodecLM}
+FAMILIES: dict[str, Callable[[ModelConfig], nn.Module]] = {"lm": TransformerLM, "codec_lm": CodecLM,
+                                                          "cascade": CascadeModel}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -5,14 +5,24 @@ other tools (doctor, compare, report, sinks) read exactly what people read.
 Train rows carry: step, tokens, loss, lr, grad_norm (before clipping), clip_threshold,
 clipped, clip_ratio (clipped fraction of the last 100 steps), tokens_per_s.
 Eval rows carry: step, tokens, val_loss, val_bpb. These names are a public contract.
+
+The logger also fans each row, the config and the doctor's findings out to experiment-tracker
+sinks (runs/sinks.py: TensorBoard, W&B, MLflow). A sink that raises is warned about once and
+dropped: metrics.jsonl is always written first and a tracker never stops training.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scratchlab.doctor.findings import Finding
+    from scratchlab.runs.sinks import Sink
 
 
 def _clean(value: Any) -> Any:
@@ -22,17 +32,48 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 class MetricsLogger:
-    def __init__(self, path: Path) -> None:
+    """Appends rows to ``path`` (metrics.jsonl) and mirrors rows, config and findings to ``sinks``."""
+
+    def __init__(self, path: Path, sinks: Iterable["Sink"] = (), warn: Callable[[str], None] | None = None) -> None:
         self.path = path
         self._file = open(path, "a", encoding="utf-8")
+        self.sinks: list[Sink] = list(sinks)
+        self._warn = warn or _warn
 
     def log(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         self._file.flush()
+        self._fan_out("log_row", row)
 
-    def close(self) -> None:
+    def log_config(self, config: dict[str, Any]) -> None:
+        self._fan_out("log_config", config)
+
+    def log_finding(self, finding: "Finding") -> None:
+        self._fan_out("log_finding", finding)
+
+    def close(self, status: str = "finished") -> None:
+        self._fan_out("close", status)
+        self.sinks = []
         self._file.close()
+
+    def _fan_out(self, method: str, arg: Any) -> None:
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(arg)
+            except Exception as exc:  # noqa: BLE001 - library missing, network, disk: never stop training
+                self.sinks.remove(sink)
+                self._warn(f"warning: the {sink.name} sink failed in {method} ({type(exc).__name__}: {exc}); "
+                           "it is off for the rest of this run, metrics.jsonl is complete")
+                if method != "close":
+                    try:
+                        sink.close("crashed")
+                    except Exception:  # noqa: BLE001 - it is already broken; just free what it holds
+                        pass
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

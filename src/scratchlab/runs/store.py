@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -40,7 +41,17 @@ def git_info(cwd: Path | None = None) -> dict[str, Any]:
     if commit is None:
         return {"commit": None, "dirty": None}
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd)
-    return {"commit": commit.strip(), "dirty": bool(status and status.strip())}
+    dirty = bool(status and status.strip())
+    # A hash of the uncommitted changes, so `scratchlab compare` can tell two dirty runs of one commit apart.
+    diff_sha256 = None
+    if dirty:
+        try:  # bytes, not text: a diff can hold any encoding
+            diff = subprocess.run(["git", "diff", "HEAD", "--no-ext-diff", "--binary"], cwd=cwd, capture_output=True,
+                                  timeout=20, check=True)
+            diff_sha256 = hashlib.sha256(diff.stdout).hexdigest()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return {"commit": commit.strip(), "dirty": dirty, "diff_sha256": diff_sha256}
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -94,6 +105,7 @@ class RunDir:
     demos = property(lambda self: self.path / "demos")
     log_file = property(lambda self: self.path / "train.log")
     tokenizer_file = property(lambda self: self.path / "tokenizer.json")
+    notes_file = property(lambda self: self.path / "notes.md")  # `scratchlab runs note`: hypotheses, results
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         tmp = self.path / f".{name}.tmp"
@@ -108,3 +120,12 @@ class RunDir:
             return json.loads((self.path / "status.json").read_text())
         except (OSError, json.JSONDecodeError):
             return {"status": "unknown"}
+
+
+def run_family(run_dir: str | Path) -> str:
+    """The ``model.family`` of a run, from its config.yaml."""
+    import yaml
+
+    run = RunDir.open(run_dir)
+    raw = yaml.safe_load(run.config_file.read_text()) or {}
+    return str((raw.get("model") or {}).get("family", "lm"))

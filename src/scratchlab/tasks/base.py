@@ -105,6 +105,10 @@ class Task(ABC):
         """Write demo samples for ``step`` under ``out_dir``; return text to show, or None."""
         return None
 
+    def demo_metrics(self) -> dict[str, float]:
+        """Figures measured on the last demo (e.g. codebook coverage), logged as a metrics row."""
+        return {}
+
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:
         """The doctor's checks before step 0 that apply to this family."""
         return []

@@ -377,7 +377,9 @@ class Trainer:
                             self.best_val = val_loss
                             self.save(BEST, weights_only=True)
                     if self.step % cfg.demo.every == 0 or last:
-                        self.demo()
+                        if self.demo() is not None and (measured := self.task.demo_metrics()):
+                            self.log_row(metrics, {"step": self.step, "tokens": self.step * self.tokens_per_step,
+                                                   **measured})
                     if stop.signal is not None:
                         rep.stop()
                         self.save()
@@ -529,8 +531,8 @@ def train(
     return result
 
 
-def load_run_model(run_dir: str | Path, checkpoint: str | None = None, device: str = "cpu"):
-    """(model, tokenizer, eos_id) of a run, from its best checkpoint (else the latest, or the named one)."""
+def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str = "cpu") -> tuple[Config, torch.nn.Module]:
+    """(config, model in eval mode) of any run, from its best checkpoint (else the latest, or the named one)."""
     run = RunDir.open(run_dir)
     cfg = build_config(read_source(run.config_file))
     if checkpoint is not None:
@@ -544,6 +546,15 @@ def load_run_model(run_dir: str | Path, checkpoint: str | None = None, device: s
     model = build_model(cfg.model).to(resolve_device(device))
     load_weights(model, ckpt)
     model.eval()
+    return cfg, model
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str | None = None, device: str = "cpu"):
+    """(model, tokenizer, eos_id) of a text LM run (see load_run)."""
+    cfg, model = load_run(run_dir, checkpoint, device)
+    run = RunDir.open(run_dir)
+    if cfg.model.family != "lm":
+        raise UserError(f"run {run.path} is a {cfg.model.family} run, not a text LM")
     tokenizer = load_tokenizer(run.tokenizer_file)
     eos_id = tokenizer.token_to_id("<|endoftext|>")
     if tokenizer.get_vocab_size() > cfg.model.vocab_size:
@@ -552,4 +563,3 @@ def load_run_model(run_dir: str | Path, checkpoint: str | None = None, device: s
             "tokenizer/vocab mismatch; use the tokenizer the run was trained with"
         )
     return model, tokenizer, eos_id
-

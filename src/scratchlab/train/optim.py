@@ -19,16 +19,47 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool = False) 
     Parameters keep fp32 master weights and fp32 optimizer state; bf16 enters only
     through autocast in the forward pass.
     """
+    # A model may ask for own groups (e.g. learnable scalars: lower LR, own clip) via param_groups_hint().
+    hint = getattr(model, "param_groups_hint", None)
+    special = [dict(g) for g in hint()] if callable(hint) else []
+    taken = {id(p) for g in special for p in g["params"]}
     decay, no_decay = [], []
     for param in model.parameters():
-        if param.requires_grad:
+        if param.requires_grad and id(param) not in taken:
             (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        *special,  # after the two standard groups, which the update-ratio probe reads by position
     ]
     kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+    cls = GroupedAdamW if special else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+class GroupedAdamW(torch.optim.AdamW):
+    """AdamW whose groups may carry ``lr_mult`` (their LR = the schedule's x lr_mult) and ``max_norm``
+    (their own gradient clip, after the trainer's global one).
+
+    The trainer sets every group's ``lr`` to the schedule's value each step; the multiplier is applied
+    inside ``step`` and undone after it, so checkpoints and resumes see the plain schedule.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        saved = []
+        for group in self.param_groups:
+            saved.append(group["lr"])
+            group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
+            if group.get("max_norm"):
+                grads = [p for p in group["params"] if p.grad is not None]
+                if grads:
+                    torch.nn.utils.clip_grad_norm_(grads, group["max_norm"])
+        try:
+            return super().step(closure)
+        finally:
+            for group, lr in zip(self.param_groups, saved):
+                group["lr"] = lr
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -1,0 +1,248 @@
+"""Codebook delay patterns and the special ids of codec-token streams (pure data, no model code).
+
+A clip of codec codes is ``[T, K]`` (frames x codebooks). A *delay pattern* shifts codebook
+``k`` right by ``d_k`` steps so that one transformer step predicts all K codebooks while
+codebook k still sees codebooks with smaller delays of the same frame (MusicGen, Dia).
+
+The delayed stream ``S`` of a clip (``eos=True``) has ``T + 1 + max_delay`` steps::
+
+    S[t, k] = codes[t - d_k, k]   if 0 <= t - d_k < T      (a real code)
+            = BOS                 if t - d_k < 0           (before the codebook starts)
+            = EOS                 if t - d_k == T          (frame T: EOS, staggered per codebook)
+            = PAD                 if t - d_k > T           (after the codebook's EOS)
+
+With ``eos=False`` (a crop that stops before the clip ends) there is no EOS frame: the stream
+has ``T + max_delay`` steps and everything after a codebook's last frame is PAD.
+
+Training and sampling agree because both go through this module: the data layer makes the
+training targets from ``apply``, and the sampler asks ``forced_tokens`` / ``allowed_classes``
+what the pattern dictates at each step and ``revert`` for the codes.
+
+Special ids live above the codebook entries (``SpecialIds``): BOS = codebook_size,
+PAD = codebook_size + 1, EOS = codebook_size + 2; heads predict ``codebook_size + 3`` classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100  # labels value the loss skips (torch cross_entropy's default ignore_index)
+
+PRESETS = ("parallel", "musicgen", "dia")
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """BOS / PAD / EOS ids just above a codebook of ``codebook_size`` entries."""
+
+    codebook_size: int
+
+    @classmethod
+    def for_codebook(cls, codebook_size: int) -> SpecialIds:
+        if codebook_size < 1:
+            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+        return cls(int(codebook_size))
+
+    @property
+    def bos(self) -> int:
+        return self.codebook_size
+
+    @property
+    def pad(self) -> int:
+        return self.codebook_size + 1
+
+    @property
+    def eos(self) -> int:
+        return self.codebook_size + 2
+
+    @property
+    def n_classes(self) -> int:
+        """Rows of each codebook's embedding table and classes of each output head."""
+        return self.codebook_size + 3
+
+
+class DelayPattern:
+    """Per-codebook delays ``d_k >= 0``; see the module docstring for the stream layout."""
+
+    def __init__(self, delays: list[int] | tuple[int, ...]) -> None:
+        delays = tuple(int(d) for d in delays)
+        if not delays:
+            raise ValueError("a delay pattern needs at least one codebook")
+        if min(delays) < 0:
+            raise ValueError(f"delays must be >= 0, got {list(delays)}")
+        self.delays = delays
+
+    @classmethod
+    def preset(cls, name: str, n_codebooks: int) -> DelayPattern:
+        """``parallel`` (all 0), ``musicgen`` (0, 1, ..., K-1) or ``dia`` (0, 8, 9, ..., 8+K-2)."""
+        if n_codebooks < 1:
+            raise ValueError(f"n_codebooks must be >= 1, got {n_codebooks}")
+        if name == "parallel":
+            return cls([0] * n_codebooks)
+        if name == "musicgen":
+            return cls(list(range(n_codebooks)))
+        if name == "dia":
+            return cls([0] + [8 + i for i in range(n_codebooks - 1)])
+        raise ValueError(f"unknown delay pattern {name!r}; known: {', '.join(PRESETS)} (or a list of delays)")
+
+    def __repr__(self) -> str:
+        return f"DelayPattern({list(self.delays)})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DelayPattern) and other.delays == self.delays
+
+    def __hash__(self) -> int:
+        return hash(self.delays)
+
+    @property
+    def n_codebooks(self) -> int:
+        return len(self.delays)
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
+
+    @property
+    def eos_codebook(self) -> int:
+        """The codebook whose EOS comes first (the smallest delay; codebook 0 in every preset)."""
+        return int(np.argmin(self.delays))
+
+    def stream_length(self, n_frames: int, eos: bool = True) -> int:
+        """Steps of the delayed stream of ``n_frames`` frames."""
+        return n_frames + self.max_delay + (1 if eos else 0)
+
+    def frames_in_stream(self, length: int, eos: bool = True) -> int:
+        """Frames of a stream of ``length`` steps (the inverse of ``stream_length``)."""
+        n = length - self.max_delay - (1 if eos else 0)
+        if n < 0:
+            raise ValueError(f"a stream of {length} steps is shorter than this pattern's tail ({self.max_delay}, eos={eos})")
+        return n
+
+    def frame_index(self, length: int) -> np.ndarray:
+        """``[length, K]`` int64: the frame ``t - d_k`` each stream position holds (negative before the start)."""
+        return np.arange(length, dtype=np.int64)[:, None] - np.asarray(self.delays, dtype=np.int64)[None, :]
+
+    # -- the stream
+
+    def apply(self, codes: Array, special: SpecialIds, eos: bool = True) -> Array:
+        """Delayed stream of ``codes`` ``[T, K]`` or ``[B, T, K]`` (int64; numpy in, numpy out)."""
+        is_numpy = isinstance(codes, np.ndarray)
+        x = torch.from_numpy(np.asarray(codes, dtype=np.int64)) if is_numpy else codes.long()
+        self._check_k(x)
+        n_frames = x.shape[-2]
+        length = self.stream_length(n_frames, eos)
+        frame = torch.from_numpy(self.frame_index(length)).to(x.device)  # [L, K]
+        out = torch.full((*x.shape[:-2], length, self.n_codebooks), special.pad, dtype=torch.long, device=x.device)
+        real = (frame >= 0) & (frame < n_frames)
+        if n_frames > 0:
+            cols = torch.arange(self.n_codebooks, device=x.device).expand(length, -1)
+            gathered = x[..., frame.clamp(0, n_frames - 1), cols]  # [..., L, K]
+            out = torch.where(real, gathered, out)
+        out[..., frame < 0] = special.bos
+        if eos:
+            out[..., frame == n_frames] = special.eos
+        return out.numpy() if is_numpy else out
+
+    def revert(self, stream: Array, n_frames: int | None = None, eos: bool = True) -> Array:
+        """Codes ``[..., T, K]`` back from a delayed stream; ``T`` is ``n_frames`` or read from its length.
+
+        ``revert(apply(codes, s, eos), eos=eos)`` equals ``codes`` exactly. For a sampled stream,
+        pass ``n_frames`` = the EOS frame (``forced_tokens``' ``eos_frame``).
+        """
+        is_numpy = isinstance(stream, np.ndarray)
+        x = torch.from_numpy(np.asarray(stream, dtype=np.int64)) if is_numpy else stream.long()
+        self._check_k(x)
+        length = x.shape[-2]
+        if n_frames is None:
+            n_frames = self.frames_in_stream(length, eos)
+        if n_frames + self.max_delay > length:
+            raise ValueError(f"a stream of {length} steps holds at most {length - self.max_delay} frames, not {n_frames}")
+        rows = torch.arange(n_frames, device=x.device)[:, None] + torch.tensor(self.delays, device=x.device)[None, :]
+        cols = torch.arange(self.n_codebooks, device=x.device).expand(n_frames, -1)
+        out = x[..., rows, cols]
+        return out.numpy() if is_numpy else out
+
+    # -- what the sampler needs
+
+    def forced_tokens(self, step: int, special: SpecialIds, eos_frame: int | None = None) -> list[int | None]:
+        """Per codebook, the token the pattern dictates at stream ``step``, or ``None`` where the model samples.
+
+        BOS while ``step < d_k``; once EOS was sampled on ``eos_codebook`` (``eos_frame`` =
+        that step minus its delay): EOS at ``eos_frame + d_k`` and PAD after it.
+
+        One sampling step is two phases: sample where this returns None (with ``allowed_classes``),
+        then, if ``eos_codebook`` drew EOS, set ``eos_frame = eos_frame_at(step)`` and call this again
+        for the same step: codebooks sharing the EOS codebook's delay get their EOS in that step.
+        """
+        out: list[int | None] = []
+        for d in self.delays:
+            frame = step - d
+            if frame < 0:
+                out.append(special.bos)
+            elif eos_frame is not None and frame == eos_frame:
+                out.append(special.eos)
+            elif eos_frame is not None and frame > eos_frame:
+                out.append(special.pad)
+            else:
+                out.append(None)
+        return out
+
+    def allowed_classes(self, step: int, special: SpecialIds, eos_frame: int | None = None) -> torch.Tensor:
+        """``[K, n_classes]`` bool: which classes each codebook may take at ``step`` (mask the rest to -inf).
+
+        A forced position allows only its token. Elsewhere the codebook entries are allowed, plus
+        EOS on ``eos_codebook`` only (the other codebooks' EOS is forced, staggered): the same
+        positions where the training labels hold codes or EOS.
+        """
+        allowed = torch.zeros(self.n_codebooks, special.n_classes, dtype=torch.bool)
+        for k, token in enumerate(self.forced_tokens(step, special, eos_frame)):
+            if token is not None:
+                allowed[k, token] = True
+            else:
+                allowed[k, : special.codebook_size] = True
+                if k == self.eos_codebook:
+                    allowed[k, special.eos] = True
+        return allowed
+
+    def eos_frame_at(self, step: int) -> int:
+        """The EOS frame when ``eos_codebook`` samples EOS at stream ``step``."""
+        return step - self.delays[self.eos_codebook]
+
+    def is_complete(self, step: int, eos_frame: int | None) -> bool:
+        """True once stream ``step`` was the stream's last (every codebook has emitted its EOS)."""
+        return eos_frame is not None and step >= eos_frame + self.max_delay
+
+    def _check_k(self, x: torch.Tensor) -> None:
+        if x.ndim < 2 or x.shape[-1] != self.n_codebooks:
+            raise ValueError(f"expected [..., T, {self.n_codebooks}] codes for {self!r}, got shape {tuple(x.shape)}")
+
+
+def training_pair(
+    stream: Array, special: SpecialIds, pattern: DelayPattern, n_frames: int, eos: bool
+) -> tuple[Array, Array]:
+    """``(input_ids, labels)`` from a delayed stream ``[L, K]`` (or ``[B, L, K]``): THE loss-mask rule.
+
+    ``input_ids = [BOS row] + stream[:-1]`` (so step 0 sees BOS everywhere, as in sampling) and
+    ``labels = stream`` where the position holds one of the ``n_frames`` target frames of its
+    codebook, or that codebook's EOS when ``eos``; every other position (BOS, PAD, and codes
+    beyond the target frames that are there only as context) is ``IGNORE_INDEX``.
+    """
+    is_numpy = isinstance(stream, np.ndarray)
+    x = torch.from_numpy(np.asarray(stream, dtype=np.int64)) if is_numpy else stream.long()
+    length = x.shape[-2]
+    frame = torch.from_numpy(pattern.frame_index(length))
+    target = (frame >= 0) & (frame < n_frames)
+    if eos:
+        target |= frame == n_frames
+    bos_row = torch.full_like(x[..., :1, :], special.bos)
+    input_ids = torch.cat([bos_row, x[..., :-1, :]], dim=-2)
+    labels = torch.where(target.to(x.device), x, torch.full_like(x, IGNORE_INDEX))
+    if is_numpy:
+        return input_ids.numpy(), labels.numpy()
+    return input_ids, labels
