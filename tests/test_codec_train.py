@@ -149,3 +149,19 @@ def test_codec_config_errors_are_one_line(codes_dir, tmp_path, capsys):
     assert main(["train", "musicgen-tiny", *base, "model.codec.codebook_weights=[1,2]"]) == 2
     assert "codebook_weights has 2 entries for 4 codebooks" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # no run dir was left behind
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, steps", [("musicgen-tiny", 120), ("dia-tiny", 120)])
+def test_tiny_codec_presets_learn_the_synthetic_codes(preset, steps, tmp_path, monkeypatch):
+    """The shipped tiny presets on their generated codes: every codebook's val loss far below ln(codebook)."""
+    monkeypatch.setenv("SCRATCHLAB_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(preset, [f"train.max_steps={steps}", f"train.out_dir={tmp_path}", f"eval.every={steps}",
+                               f"demo.every={steps}", "log.progress=lines"])
+    result = train(cfg, console=quiet())
+    (last,) = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "val_loss_cb0" in r]
+    per_cb = [last[f"val_loss_cb{k}"] for k in range(16) if f"val_loss_cb{k}" in last]
+    print(f"\n{preset}: {steps} steps, val_loss {result.val_loss:.4f}, per codebook {[round(x, 3) for x in per_cb]}, "
+          f"{result.tokens_per_s:,.0f} tok/s, ln(64) = {math.log(64):.3f}")
+    assert len(per_cb) >= 4
+    assert max(per_cb) < 0.35 * math.log(64)
