@@ -165,3 +165,22 @@ def test_tiny_codec_presets_learn_the_synthetic_codes(preset, steps, tmp_path, m
           f"{result.tokens_per_s:,.0f} tok/s, ln(64) = {math.log(64):.3f}")
     assert len(per_cb) >= 4
     assert max(per_cb) < 0.35 * math.log(64)
+
+
+def test_preflight_catches_a_crop_that_always_starts_at_zero(codes_dir, tmp_path, monkeypatch):
+    """Field note: an inverted crop flag made every sample the clip's first seconds."""
+    import scratchlab.data.codes as codes_mod
+
+    cfg, task = build_task(codec_config(codes_dir, tmp_path))
+    model = build_model(cfg.model)
+    batch = task.train_batch(4, torch.Generator().manual_seed(0))
+    healthy = task.preflight(model, batch)
+    assert not [f for f in healthy if f.severity == "error"], healthy
+    assert "deterministic_windows" not in {f.code for f in healthy}
+
+    real = codes_mod.clip_window_start
+    monkeypatch.setattr(codes_mod, "clip_window_start",
+                        lambda length, window, mode, **kw: 0 if mode == "random" else real(length, window, mode, **kw))
+    broken = {f.code: f for f in task.preflight(model, batch)}
+    assert "deterministic_windows" in broken
+    assert broken["deterministic_windows"].evidence["reason"] == "constant_start"

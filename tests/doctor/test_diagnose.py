@@ -77,7 +77,7 @@ def test_healthy_finished_run(tmp_path, capsys):
     assert code == 0
     assert "finished at step 1000 / 1000" in out
     assert "checkpoints best, step_001000" in out
-    assert "demos       2 (last step_001000.txt)" in out
+    assert "demos       2 (last step_001000)" in out
     assert "no findings" in out and "WARNING" not in out
     facts = diagnose(run).facts
     assert facts["best_val_step"] == 1000 and facts["last_val_step"] == 1000

@@ -354,6 +354,14 @@ class CodesData:
     def frames(self, split: Split) -> int:
         return sum(len(self.clips[i].codes) for i in self.splits[split])
 
+    def random_window(self, i: int, window: int, pattern: DelayPattern, generator: torch.Generator) -> dict:
+        """A training crop of clip ``i``: ``input_ids``, ``labels``, and ``window_start`` / ``clip_len`` (so the
+        doctor's deterministic_windows check can test the crop that training uses)."""
+        codes = self.clips[i].codes
+        start = clip_window_start(len(codes), window, "random", generator=generator)
+        x, y = codes_window(codes, start, window, pattern, self.special)
+        return {"input_ids": x, "labels": y, "window_start": start, "clip_len": len(codes)}
+
     def batch(
         self,
         split: Split,
@@ -394,12 +402,11 @@ class CodesData:
             picks = torch.randint(0, n, (batch_size,), generator=generator).tolist()
             for p in picks:
                 clip = self.clips[ids[p]]
-                start = clip_window_start(len(clip.codes), window, "random", generator=generator)
+                item = self.random_window(ids[p], window, pattern, generator)
                 order = torch.randperm(len(clip.tags), generator=generator).tolist()
                 tags = [clip.tags[j] for j in order] if shuffle_tags else list(clip.tags)
-                x, y = codes_window(clip.codes, start, window, pattern, self.special)
-                inputs.append(x)
-                labels.append(y)
+                inputs.append(item["input_ids"])
+                labels.append(item["labels"])
                 conds.append(condition_ids(clip.text, tags, max_text_bytes))
             drop = (torch.rand(batch_size, generator=generator) < uncond_prob).tolist()
             conds = [unconditional_ids() if d else c for c, d in zip(conds, drop)]

@@ -118,7 +118,8 @@ def run_facts(run: RunDir, rows: list[dict[str, Any]], cfg: Config | None) -> di
     steps = [r["step"] for r in rows if isinstance(r.get("step"), int)]
     if isinstance(status.get("step"), int):
         steps.append(status["step"])  # a crash can come after the last logged row
-    demos = sorted(run.demos.glob("step_*.txt")) if run.demos.is_dir() else []
+    # One demo per step, whatever it wrote (text for lm, .npy codes or frames + .png for the others).
+    demos = sorted({p.name[: len("step_000000")] for p in run.demos.glob("step_*")}) if run.demos.is_dir() else []
     return {
         "status": status.get("status", "unknown"),
         "error": status.get("error"),
@@ -134,7 +135,7 @@ def run_facts(run: RunDir, rows: list[dict[str, Any]], cfg: Config | None) -> di
         "last_val_step": evals[-1][0] if evals else None,
         "checkpoints": _checkpoint_names(run),
         "demos": len(demos),
-        "last_demo": demos[-1].name if demos else None,
+        "last_demo": demos[-1] if demos else None,
     }
 
 

@@ -245,11 +245,32 @@ class CodecTask(Task):
         """The doctor's model and batch checks on the decoder (the condition held fixed: unconditional)."""
         from scratchlab.doctor.preflight import preflight
 
+        from scratchlab.doctor.preflight import check_deterministic_windows
+
         batch = {k: v[:PREFLIGHT_SAMPLES] for k, v in batch.items()}
         special = [self.cfg.model.codec.codebook_size + i for i in range(3)]
         # BOS/PAD may never be targets; EOS is a real target (the data layer keeps it), so only BOS/PAD are checked.
-        return preflight(_Unconditioned(model), {"input_ids": batch["input_ids"], "labels": batch["labels"]},
-                         special_token_ids=special[:2], overfit_steps=self.cfg.doctor.overfit_steps)
+        findings = preflight(_Unconditioned(model), {"input_ids": batch["input_ids"], "labels": batch["labels"]},
+                             special_token_ids=special[:2], overfit_steps=self.cfg.doctor.overfit_steps)
+        # Field note: an inverted crop flag fed every clip's first seconds. Test the crop training uses.
+        findings += check_deterministic_windows(CropProbe(self.data, self.cfg.train.seq_len, self.pattern,
+                                                          self.cfg.train.seed))
+        return findings
+
+
+class CropProbe:
+    """The training split's crops as a dataset (index = clip), for preflight's deterministic_windows check."""
+
+    def __init__(self, data, window: int, pattern, seed: int) -> None:
+        self.data, self.window, self.pattern = data, window, pattern
+        self.ids = data.splits["train"]
+        self.generator = torch.Generator().manual_seed(seed + 1)  # never the run's data generator
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.data.random_window(self.ids[index], self.window, self.pattern, self.generator)
 
 
 class _Unconditioned(nn.Module):
