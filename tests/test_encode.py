@@ -109,3 +109,30 @@ def test_encode_with_untrained_dac(audio_dir, tmp_path):
     tone = np.load(tmp_path / "dac" / "tone.npy")
     assert tone.shape == (int(np.ceil(0.5 * 44100 / 512)), 9) and tone.max() < 1024
     assert result.summary.clips == 2 and not result.summary.bad
+
+
+def test_audio_to_codes_to_model_to_wav(audio_dir, tmp_path):
+    """The user's path end to end: audio -> codes (untrained EnCodec) -> codec_lm run -> sampled codes -> .wav."""
+    from conftest import quiet
+
+    from scratchlab.config import load_config
+    from scratchlab.train import train
+
+    codes = tmp_path / "codes"
+    assert main(["data", "encode", str(audio_dir), "--codec", "encodec", "--out", str(codes), "--random-weights"]) == 0
+    cfg = load_config("musicgen-tiny", [f"data.path={codes}", "data.val_fraction=0.5", "model.n_layers=1",
+                                        "model.d_model=32", "model.max_seq_len=32", "train.seq_len=16",
+                                        "train.batch_size=2", "train.max_steps=2", "eval.batches=1", "eval.batch_size=2",
+                                        "demo.every=100", "demo.seconds=0.05", f"train.out_dir={tmp_path / 'runs'}",
+                                        "doctor.preflight=false"])
+    run = train(cfg, console=quiet()).run_dir
+    out = tmp_path / "samples"
+    assert main(["sample", str(run), "--text", "a pure tone", "--seconds", "0.1", "--seed", "0", "--audio",
+                 "--out", str(out)]) == 0
+    (wav,) = out.glob("*.wav")
+    (npy,) = out.glob("*.npy")
+    audio, sr = sf.read(wav)
+    frames = np.load(npy).shape[0]
+    assert sr == 24000 and np.load(npy).shape[1] == 8
+    assert len(audio) == frames * 320  # EnCodec: 320 samples per frame
+    assert np.isfinite(audio).all()

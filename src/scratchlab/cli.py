@@ -40,7 +40,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         paths = sample_codec_run(
             args.run_dir, args.text or args.prompt, seconds=args.seconds, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, n=args.n, seed=args.seed,
-            checkpoint=args.checkpoint, out=args.out, warn=lambda line: print(line, file=sys.stderr),
+            checkpoint=args.checkpoint, out=args.out, audio=args.audio, warn=lambda line: print(line, file=sys.stderr),
         )
         for path in paths:
             print(f"wrote {path}")
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=1.0, help="codec_lm: classifier-free guidance (1 = off)")
     p.add_argument("--n", type=int, default=1, help="codec_lm: clips to sample")
     p.add_argument("--out", default=None, help="codec_lm / cascade: output dir (default RUN/samples)")
+    p.add_argument("--audio", action="store_true",
+                   help="codec_lm: also decode to .wav with the codec that made the codes (audio extra)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")

@@ -159,9 +159,13 @@ def sample_codec_run(
     seed: int | None = None,
     checkpoint: str | None = None,
     out: str | Path | None = None,
+    audio: bool = False,
     warn=None,
 ) -> list[Path]:
     """Sample ``n`` clips from a codec_lm run and save each as ``[T, K]`` int32 codes (.npy); returns the paths.
+
+    ``audio`` also decodes each clip to a .wav with the codec that made the run's codes (the
+    codes dir's codec.json; needs the audio extra and, for pretrained codecs, their weights).
 
     ``text`` is the condition (text and tags as in the manifest; empty = unconditional).
     ``warn`` (callable) receives warnings, e.g. CFG on a model never trained unconditionally.
@@ -200,9 +204,23 @@ def sample_codec_run(
     out_dir = Path(out) if out is not None else Path(run_dir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    codec = None
+    if audio:
+        import json
+
+        from scratchlab.data.encode import codec_for_codes
+
+        data_path = json.loads((Path(run_dir) / "data.json").read_text()).get("path", "")
+        codec = codec_for_codes(data_path)
     paths = []
     for i, clip in enumerate(codes):
         path = out_dir / f"{stamp}_{i}.npy"
         np.save(path, clip.cpu().numpy().astype(np.int32))
         paths.append(path)
+        if codec is not None and clip.shape[0] > 0:  # a clip that ended at once has no audio
+            import soundfile
+
+            wav = path.with_suffix(".wav")
+            soundfile.write(wav, codec.decode(clip.cpu().numpy()), codec.info.sampling_rate)
+            paths.append(wav)
     return paths

@@ -71,6 +71,32 @@ class Codec:
         return out.astype(np.int16 if self.info.codebook_size <= 32768 else np.int32)
 
 
+    @torch.no_grad()
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Mono float32 audio at ``info.sampling_rate`` from codes ``[T, K]`` (what `scratchlab sample --audio` writes)."""
+        device = next(self.model.parameters()).device
+        x = torch.from_numpy(np.asarray(codes, dtype=np.int64).T.copy())[None].to(device)  # [1, K, T]
+        if self.name == "dac":
+            wave = self.model.decode(audio_codes=x).audio_values
+        else:
+            wave = self.model.decode(x[None], [None]).audio_values  # EnCodec: [chunks=1, B, K, T]
+        return wave.reshape(-1).float().cpu().numpy()
+
+
+def codec_for_codes(codes_dir: str | Path, device: str = "cpu") -> Codec:
+    """The codec that made a codes dir (its codec.json, written by `scratchlab data encode`)."""
+    import json
+
+    path = Path(codes_dir) / "codec.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: these codes were not made by `scratchlab data encode`, so scratchlab "
+                        "does not know their codec; decode the .npy codes with the codec you used")
+    info = json.loads(path.read_text())
+    model = None if info.get("random_weights") else info.get("model")
+    return load_codec(info["codec"], random_weights=bool(info.get("random_weights")), model=model,
+                      bandwidth=float(info.get("bandwidth") or 6.0), device=device)
+
+
 def _transformers():
     try:
         import transformers
@@ -243,7 +269,7 @@ def encode_audio_dir(
         if progress:
             progress(f"{rel}: {duration:.2f} s -> {codes.shape[0]} frames x {codes.shape[1]} codebooks")
     (out / MANIFEST).write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
-    (out / "codec.json").write_text(json.dumps(asdict(model_.info), indent=2) + "\n")
+    (out / "codec.json").write_text(json.dumps({**asdict(model_.info), "bandwidth": model_.bandwidth}, indent=2) + "\n")
     summary = validate_codes_dir(out, codebook_size=model_.info.codebook_size, n_codebooks=model_.info.n_codebooks,
                                  write_summary=True)
     return EncodeResult(out, model_.info, summary, skipped)
