@@ -64,6 +64,7 @@ def test_strict_ab_when_only_the_lr_differs(record_runs):
     assert c.best == [min(((s, v) for s, v in va.items()), key=lambda x: x[1]),
                       min(((s, v) for s, v in vb.items()), key=lambda x: x[1])]
     assert c.winner == (0 if va[8] < vb[8] else 1) and c.last_shared_step == 8
+    assert c.tokens_per_s == [json.loads((r / "status.json").read_text())["tokens_per_s"] for r in (a, b)]
     assert c.missing == []
 
     md = c.markdown()

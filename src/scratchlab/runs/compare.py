@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scratchlab.errors import UserError
-from scratchlab.runs.index import RunRecord, doctor_findings, read_run
+from scratchlab.runs.index import RunRecord, doctor_findings, read_run, tokens_per_s
 from scratchlab.runs.plots import (
     CURVES,
     Series,
@@ -273,7 +272,6 @@ def compare_runs(run_dirs: Sequence[str | Path], metric: str = "val_loss") -> Co
             if top is None or _better(metric, v, top[1]):
                 top = (s, v)
         best.append(top)
-    speeds = [[v for _, _, v in _values(r, "tokens_per_s")] for r in runs]
     last_shared = shared[-1] if shared else None
     winner = None
     if last_shared is not None:
@@ -305,7 +303,7 @@ def compare_runs(run_dirs: Sequence[str | Path], metric: str = "val_loss") -> Co
     return Comparison(
         runs=runs, labels=labels, metric=metric, diff=diff, settings=settings, confounds=confounds, strict=strict,
         verdict=verdict, at_steps=at_steps, at_tokens=_matched_tokens(vals), same_tokens_per_step=len(per_step) <= 1,
-        final=final, best=best, tokens_per_s=[statistics.median(s) if s else None for s in speeds],
+        final=final, best=best, tokens_per_s=[tokens_per_s(r) for r in runs],
         last_shared_step=last_shared, winner=winner, missing=missing,
     )
 
@@ -339,7 +337,7 @@ def _markdown(c: Comparison) -> str:
         if status != "finished":
             notes.append(f"{status} at step {r.last_step()}")
         if c.winner == i and len(c.runs) > 1:
-            notes.append(f"best at step {c.last_shared_step}")
+            notes.append(f"best at shared step {c.last_shared_step}")
         codes = sorted({f.code for f in doctor_findings(r) if f.severity in ("error", "warning")})
         if codes:
             notes.append("doctor: " + ", ".join(codes))
@@ -359,7 +357,7 @@ def _markdown(c: Comparison) -> str:
     out.append(f"## {c.metric} at matched steps\n")
     if c.at_steps:
         header = ["step", *(["tokens"] if c.same_tokens_per_step else []), *c.labels]
-        out.append(md_table(header, [(s, *([toks[0] if toks[0] is not None else "-"] if c.same_tokens_per_step else []),
+        out.append(md_table(header, [(s, *([f"{toks[0]:,}" if toks[0] is not None else "-"] if c.same_tokens_per_step else []),
                                       *[_num(v) for v in vals]) for s, toks, vals in c.at_steps]))
     else:
         out.append("No step at which every run logged it.\n")

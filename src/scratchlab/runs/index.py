@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sqlite3
 import statistics
 import time
@@ -176,6 +177,12 @@ def doctor_findings(record: RunRecord) -> list[Finding]:
         return record.findings
 
 
+def tokens_per_s(record: RunRecord) -> float | None:
+    """The finished run's own figure (training time only) when there is one; else the median logged row."""
+    speeds = [v for _, _, v in record.values("tokens_per_s") if math.isfinite(v)]
+    return _finite(record.status.get("tokens_per_s")) or (statistics.median(speeds) if speeds else None)
+
+
 def summarize(record: RunRecord, findings: list[Finding] | None = None) -> RunSummary:
     findings = doctor_findings(record) if findings is None else findings
     status = record.status
@@ -184,7 +191,6 @@ def summarize(record: RunRecord, findings: list[Finding] | None = None) -> RunSu
     last_val = record.values("val_loss")[-1:] or [None]
     last_bpb = record.values("val_bpb")[-1:] or [None]
     losses = record.values("loss")
-    speeds = [v for _, _, v in record.values("tokens_per_s") if math.isfinite(v)]
     times = [v for _, _, v in record.values("time_s") if math.isfinite(v)]
     git = record.env.get("git") or {}
     tokens = [r.get("tokens") for r in record.rows if isinstance(r.get("tokens"), int)]
@@ -200,8 +206,7 @@ def summarize(record: RunRecord, findings: list[Finding] | None = None) -> RunSu
         best_val_step=best[0] if best else None,
         last_val_loss=_finite(last_val[0][2]) if last_val[0] else None,
         last_val_bpb=_finite(last_bpb[0][2]) if last_bpb[0] else None,
-        # The finished run's own figure (training time only) when there is one; else the median row.
-        tokens_per_s=_finite(status.get("tokens_per_s")) or (statistics.median(speeds) if speeds else None),
+        tokens_per_s=tokens_per_s(record),
         wall_s=_finite(status.get("wall_s")) or (max(times) if times else None),
         findings=len(findings),
         errors=sum(f.severity == "error" for f in findings),
@@ -340,7 +345,8 @@ def render_runs(summaries: list[RunSummary], console: Any) -> None:
     cells: dict[str, list[Any]] = {c: [] for c in ("run", "status", "steps", "best val@step", "last val", "tokens",
                                                     "wall", "doctor", "commit", "notes")}
     for s in summaries:
-        found = f"{s.errors}E {s.warnings}W" + (f" {', '.join(s.codes[:2])}" if s.codes else "") if s.findings else "-"
+        counts = " ".join(f"{n}{c}" for n, c in ((s.errors, "E"), (s.warnings, "W"), (s.findings - s.errors - s.warnings, "I")) if n)
+        found = " ".join(x for x in (counts, ", ".join(s.codes[:2])) if x) or "-"
         row = [Text(s.name), Text(s.status, style=styles.get(s.status, "")),
                f"{s.step if s.step is not None else '-'}/{s.max_steps or '?'}",
                f"{num(s.best_val_loss)}@{s.best_val_step}" if s.best_val_loss is not None else "-", num(s.last_val_loss),
@@ -348,14 +354,17 @@ def render_runs(summaries: list[RunSummary], console: Any) -> None:
                Text(found), (s.commit or "-")[:7] + ("+dirty" if s.dirty else ""), str(s.notes or "")]
         for column, cell in zip(cells, row):
             cells[column].append(cell)
-    width = {c: max([len(c), *(len(str(v)) for v in vals)]) + 2 for c, vals in cells.items()}
+    width = {c: max([len(c), *(len(str(v)) for v in vals)]) + 3 for c, vals in cells.items()}
     for drop in ("notes", "commit", "tokens", "wall", "last val"):
         if sum(width.values()) <= console.width:
             break
         del cells[drop], width[drop]
+    if sum(width.values()) > console.width:  # still too wide: finding counts without their codes
+        cells["doctor"] = [Text(" ".join(w for w in str(t).split() if re.fullmatch(r"\d+[EWI]", w)) or "-")
+                           for t in cells["doctor"]]
     table = Table(title=f"{len(summaries)} runs", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in cells:  # the run name is what people type next: never truncated
-        table.add_column(column, no_wrap=column in ("run", "status", "steps", "best val@step"),
+        table.add_column(column, no_wrap=column in ("run", "status", "steps", "best val@step", "doctor"),
                          justify="left" if column in ("run", "status", "doctor", "commit") else "right")
     for i in range(len(summaries)):
         table.add_row(*(cells[c][i] for c in cells))
