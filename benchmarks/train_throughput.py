@@ -3,6 +3,16 @@
 Usage::
 
     python benchmarks/train_throughput.py [--preset tiny-lm] [--steps N] [--warmup N] [--json] [section.key=value ...]
+    python benchmarks/train_throughput.py --gpu-124m [--gpu h100] [section.key=value ...]   # on a CUDA GPU
+
+``--gpu-124m`` is the GPU benchmark of issue 8: a 123.6M-parameter dense decoder (GPT-2 small's
+shape: 12 layers, d_model 768, 12 heads, vocab 50304, tied embeddings; SwiGLU at 2/3 of 4x width
+has the same parameter count as GPT-2's GELU MLP) at seq 1024, batch 16, bf16 autocast and
+``torch.compile``, reporting tokens/s and the **MFU**: achieved FLOP/s over the GPU's dense bf16 peak
+from ``scratchlab.scaling.gpus`` (recognised from the device name, or given with ``--gpu NAME`` /
+``--peak-flops F``). Overrides still apply (``train.batch_size=32``, ``train.compile=false`` to see
+what compile buys, ``train.device=cpu model.n_layers=1 ...`` to try the code path without a GPU,
+where no MFU is reported).
 
 What it measures, for each precision (fp32 and bf16 autocast; bf16 is skipped with a note where
 the device cannot run it):
@@ -68,6 +78,7 @@ from scratchlab.config import Config, load_config
 from scratchlab.errors import UserError
 from scratchlab.loss import token_loss
 from scratchlab.models import build_model
+from scratchlab.scaling.gpus import PEAK_BF16_FLOPS, peak_flops
 from scratchlab.train.device import (
     autocast,
     cpu_has_fast_bf16,
@@ -84,6 +95,12 @@ MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MATMUL_SAMPLES = 7
 MATMUL_MIN_SAMPLE_S = 0.05  # one matmul timing repeats the matmul until it spans at least this long
 CONTENDED_FRACTION = 0.6  # below this share of its threads in CPU time, the process was likely crowded out
+# --gpu-124m: GPT-2 small's shape (123.6M params with tied embeddings) at seq 1024, bf16, compiled.
+GPU_124M = [
+    "model.n_layers=12", "model.d_model=768", "model.n_heads=12", "model.vocab_size=50304",
+    "model.max_seq_len=1024", "train.seq_len=1024", "train.batch_size=16", "train.grad_accum=1",
+    "train.device=cuda", "train.precision=bf16", "train.compile=true",
+]
 
 
 @dataclass
@@ -94,6 +111,7 @@ class Session:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
+    forward: nn.Module | None = None  # torch.compile(model) with train.compile, else the model
 
 
 @dataclass
@@ -116,6 +134,8 @@ class PrecisionResult:
     matmul_flops_per_s: float
     achieved_over_matmul: float
     nonfinite_steps: int
+    peak_flops_per_s: float | None = None  # the GPU's dense bf16 peak (datasheet), when known
+    mfu: float | None = None  # achieved / peak: model FLOPs utilisation
 
 
 # ---------------------------------------------------------------- setup
@@ -133,9 +153,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--matmul-size", type=int, default=0, help="N of the N x N matmuls (default: 2048 on CPU, 8192 on GPU)"
     )
     parser.add_argument("--json", action="store_true", help="print a JSON dict instead of the table")
+    parser.add_argument("--gpu-124m", action="store_true",
+                        help="the GPU benchmark: ~124M dense model, seq 1024, bf16, torch.compile, MFU vs GPU peak")
+    parser.add_argument("--precisions", default="",
+                        help="comma list of fp32,bf16 (default: both; bf16 only with --gpu-124m)")
+    parser.add_argument("--gpu", default="", help="GPU for the MFU peak (scratchlab.scaling.gpus names, e.g. h100); "
+                        "default: recognised from the device name")
+    parser.add_argument("--peak-flops", type=float, default=0.0, help="peak bf16 FLOP/s for the MFU, overriding --gpu")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.matmul_size < 0:
         parser.error("--steps must be >= 1; --warmup and --matmul-size >= 0")
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if any(p not in PRECISIONS for p in precisions):
+        parser.error(f"--precisions takes {', '.join(PRECISIONS)}")
+    args.precisions = precisions or (["bf16"] if args.gpu_124m else list(PRECISIONS))
+    if args.gpu_124m:
+        args.preset = "tiny-lm"  # its lm family and optimizer settings; GPU_124M sets the shape
+        args.overrides = [*GPU_124M, *args.overrides]  # the user's overrides win
     return args
 
 
@@ -210,8 +244,11 @@ def new_session(cfg: Config, device: torch.device, precision: str) -> Session:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(device)
     model.train()
+    if cfg.train.activation_checkpointing:
+        model.activation_checkpointing = True
     optimizer = build_optimizer(model, cfg.optim, fused=device.type == "cuda")
-    return Session(precision, model, optimizer, torch.Generator().manual_seed(cfg.train.seed))
+    forward = torch.compile(model) if cfg.train.compile else model  # compiles in the first (warmup) step
+    return Session(precision, model, optimizer, torch.Generator().manual_seed(cfg.train.seed), forward)
 
 
 def random_batch(cfg: Config, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +267,7 @@ def train_step(
     for input_ids, labels in batches:
         input_ids, labels = input_ids.to(device), labels.to(device)
         with autocast(device, session.precision):
-            logits = model(input_ids)
+            logits = (model if session.forward is None else session.forward)(input_ids)
         loss = token_loss(logits, labels)
         (loss / len(batches)).backward()
         loss_sum += loss.item()
@@ -305,12 +342,31 @@ def matmul_flops_per_s(device: torch.device, precisions: list[str], n: int) -> d
 # ---------------------------------------------------------------- results
 
 
+def gpu_peak(device: torch.device, gpu: str = "") -> tuple[str, float] | None:
+    """(name, dense bf16 peak FLOP/s) of ``gpu`` or of the CUDA device, from scratchlab.scaling.gpus; None if unknown."""
+    if gpu:
+        return gpu, peak_flops(gpu)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower().replace(" ", "")
+    # Most specific first: "a100" contains "a10", "l40s" contains "l4", "h100pcie" contains "h100".
+    for needle, key in (("h100pcie", "h100-pcie"), ("h100", "h100"), ("h200", "h200"), ("b200", "b200"),
+                        ("a100", "a100"), ("l40s", "l40s"), ("a10", "a10"), ("l4", "l4"), ("4090", "rtx4090"),
+                        ("v100", "v100"), ("mi300x", "mi300x")):
+        if needle in name:
+            return key, PEAK_BF16_FLOPS[key][0]
+    return None
+
+
 def summarize(
-    precision: str, times: StepTimes, tokens_per_step: int, flops_per_token: float, matmul: float
+    precision: str, times: StepTimes, tokens_per_step: int, flops_per_token: float, matmul: float,
+    peak: float | None = None,
 ) -> PrecisionResult:
     step_s = statistics.median(times.seconds)
     tokens_per_s = tokens_per_step / step_s
     achieved = flops_per_token * tokens_per_s
+    # MFU is against the bf16 peak, so only bf16 steps get one (fp32 has its own, far lower, peak).
+    mfu_peak = peak if precision == "bf16" else None
     return PrecisionResult(
         precision=precision,
         steps=len(times.seconds),
@@ -322,6 +378,8 @@ def summarize(
         matmul_flops_per_s=matmul,
         achieved_over_matmul=achieved / matmul,
         nonfinite_steps=times.nonfinite,
+        peak_flops_per_s=mfu_peak,
+        mfu=achieved / mfu_peak if mfu_peak else None,
     )
 
 
@@ -361,7 +419,10 @@ def print_header(console: Console, report: dict[str, Any]) -> None:
         f"{model['tokens_per_step']:,} tokens/step; {bench['warmup']} warmup + {bench['steps']} timed steps"
     )
     console.print(f"train.precision=auto picks {env['auto_precision']} here; fp32 matmul precision "
-                  f"'{env['fp32_matmul_precision']}'")
+                  f"'{env['fp32_matmul_precision']}'; torch.compile {'on' if bench.get('compile') else 'off'}")
+    if bench.get("peak"):
+        console.print(f"[bold]MFU peak[/] {bench['peak']['gpu']}: {fmt_flops(bench['peak']['flops_per_s'])} dense bf16 "
+                      "(datasheet, scratchlab.scaling.gpus)")
 
 
 def results_table(results: dict[str, PrecisionResult], matmul_size: int) -> Table:
@@ -381,6 +442,8 @@ def results_table(results: dict[str, PrecisionResult], matmul_size: int) -> Tabl
         (f"matmul FLOP/s ({matmul_size}^2)", [fmt_flops(r.matmul_flops_per_s) for r in rs], "matmul"),
         ("achieved / matmul", [f"{r.achieved_over_matmul:.1%}" for r in rs], ""),
     ]
+    if any(r.mfu is not None for r in rs):
+        rows.append(("MFU (vs GPU bf16 peak)", [f"{r.mfu:.1%}" if r.mfu is not None else "-" for r in rs], ""))
     for label, cells, ratio_key in rows:
         extra = [f"{ratio[ratio_key]:.2f}x" if ratio_key else ""] if ratio is not None else []
         table.add_row(label, *cells, *extra)
@@ -400,9 +463,11 @@ def print_report(console: Console, report: dict[str, Any], results: dict[str, Pr
 # ---------------------------------------------------------------- main
 
 
-def choose_precisions(device: torch.device, notes: list[str], skipped: dict[str, str]) -> list[str]:
-    precisions = list(PRECISIONS)
-    reason = bf16_unsupported_reason(device)
+def choose_precisions(
+    device: torch.device, notes: list[str], skipped: dict[str, str], wanted: list[str] | None = None
+) -> list[str]:
+    precisions = list(wanted or PRECISIONS)
+    reason = bf16_unsupported_reason(device) if "bf16" in precisions else None
     if reason is not None:
         precisions.remove("bf16")
         skipped["bf16"] = reason
@@ -420,7 +485,20 @@ def run(args: argparse.Namespace, progress: Console) -> tuple[dict[str, Any], di
     n = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     notes: list[str] = []
     skipped: dict[str, str] = {}
-    precisions = choose_precisions(device, notes, skipped)
+    precisions = choose_precisions(device, notes, skipped, args.precisions)
+    if not precisions:
+        raise UserError(f"nothing to measure: {'; '.join(skipped.values())}")
+    peak = gpu_peak(device, args.gpu)
+    if args.peak_flops:
+        peak = ("--peak-flops", args.peak_flops)
+    if args.gpu_124m and device.type != "cuda":
+        notes.append(f"--gpu-124m ran on {device}, not a GPU: its figures say nothing about GPU MFU")
+    elif device.type == "cuda" and peak is None:
+        notes.append(f"{torch.cuda.get_device_name(device)} is not in scratchlab.scaling.gpus: give --gpu or "
+                     "--peak-flops for an MFU")
+    if cfg.train.compile:
+        notes.append("torch.compile: the model compiles in the first step, "
+                     + ("a warmup step (not timed)" if args.warmup else "which is timed: use --warmup >= 1"))
     summary = model_summary(cfg)
 
     alternating = " (alternating steps)" if len(precisions) > 1 else ""
@@ -438,18 +516,22 @@ def run(args: argparse.Namespace, progress: Console) -> tuple[dict[str, Any], di
     matmul = matmul_flops_per_s(device, precisions, n)
 
     results = {
-        p: summarize(p, times[p], summary["tokens_per_step"], summary["flops_per_token"], matmul[p]) for p in precisions
+        p: summarize(p, times[p], summary["tokens_per_step"], summary["flops_per_token"], matmul[p],
+                     peak[1] if peak else None)
+        for p in precisions
     }
     for r in results.values():
         if r.nonfinite_steps:
             notes.append(f"{r.precision}: {r.nonfinite_steps} timed steps had non-finite loss or gradients "
                          "and skipped the optimizer update")
     report = {
-        "preset": args.preset,
+        "preset": "--gpu-124m" if args.gpu_124m else args.preset,
         "overrides": args.overrides,
         "env": environment(device),
         "model": summary,
-        "bench": {"steps": args.steps, "warmup": args.warmup, "matmul_size": n, "cores_used": cores_used},
+        "bench": {"steps": args.steps, "warmup": args.warmup, "matmul_size": n, "cores_used": cores_used,
+                  "compile": cfg.train.compile, "activation_checkpointing": cfg.train.activation_checkpointing,
+                  "peak": {"gpu": peak[0], "flops_per_s": peak[1]} if peak else None},
         "results": {name: asdict(r) for name, r in results.items()},
         "skipped": skipped,
         "bf16_over_fp32": ratios(results),

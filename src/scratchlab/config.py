@@ -212,6 +212,14 @@ class TrainConfig(_Section):
     uncond_prob: float = Field(
         0.0, ge=0, le=1, description="Codec LM: fraction of samples trained with the empty condition (enables CFG)."
     )
+    # Scale-out (docs/distributed.md). Under torchrun, batch_size stays the GLOBAL batch per micro-step.
+    parallel: Literal["none", "ddp", "fsdp", "auto"] = Field(
+        "none", description="Under torchrun: ddp | fsdp (FSDP2 fully_shard) | auto (= ddp); ignored in one process."
+    )
+    compile: bool = Field(False, description="torch.compile the model (falls back to eager, with a warning, if it fails).")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward (lm, codec_lm): less memory, ~1/3 more compute."
+    )
 
 
 class OptimConfig(_Section):

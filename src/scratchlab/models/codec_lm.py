@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from scratchlab.config import ModelConfig
 from scratchlab.models.blocks import Block, KVCache, RMSNorm, SwiGLU, ffn_hidden, rope_tables
@@ -122,6 +123,8 @@ class CodecLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self, cfg.init, cfg.init_std, cfg.n_layers)
+        # Set by the trainer (train.activation_checkpointing): recompute each decoder block in backward.
+        self.activation_checkpointing = False
 
     def encode_condition(self, cond_ids: torch.Tensor | None, cond_mask: torch.Tensor | None):
         """Text memory [B, C, Dt] and its mask, or (None, None) for an unconditioned model."""
@@ -158,8 +161,13 @@ class CodecLM(nn.Module):
                     cross_kv = [block.cross.keys_values(memory) for block in self.blocks]
                     cache.cross = (cross_kv, memory_mask)
                     memory = None
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, memory=memory, memory_mask=memory_mask, memory_kv=cross_kv[i])
+            if recompute:  # keep only the block's input; redo its forward in backward
+                x = checkpoint(block, x, cos, sin, None, i, memory=memory, memory_mask=memory_mask,
+                               memory_kv=cross_kv[i], use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, i, memory=memory, memory_mask=memory_mask, memory_kv=cross_kv[i])
         if cache is not None:
             cache.length += T
         return self.heads(self.norm(x)).view(B, T, K, self.n_classes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from scratchlab.config import ModelConfig
 from scratchlab.models.blocks import Block, KVCache, RMSNorm, rope_tables
@@ -31,6 +32,8 @@ class TransformerLM(nn.Module):
         init_weights(self, cfg.init, cfg.init_std, cfg.n_layers)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
+        # Set by the trainer (train.activation_checkpointing): recompute each block in backward.
+        self.activation_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         T = input_ids.shape[1]
@@ -39,8 +42,12 @@ class TransformerLM(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.tok_emb(input_ids)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
+            if recompute:  # keep only the block's input; redo its forward in backward (same RNG, same autocast)
+                x = checkpoint(block, x, cos, sin, None, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.length += T
         logits = self.head(self.norm(x))

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from scratchlab.errors import UserError
@@ -45,22 +45,40 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def nonfinite_parameters(model: nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+def nonfinite_parameters(model: nn.Module | dict[str, torch.Tensor]) -> list[str]:
+    named = model.items() if isinstance(model, dict) else model.named_parameters()
+    return [name for name, p in named if p.is_floating_point() and not torch.isfinite(p).all()]
+
+
+def save_weights(model: nn.Module | dict[str, torch.Tensor], file: Path, tied: dict[str, str] | None = None) -> None:
+    """model.safetensors from a module, or from a full state dict (gathered from FSDP shards).
+
+    A gathered state dict holds tied weights twice, as separate tensors; ``tied`` ({dropped:
+    kept}, the names ``save_model`` would drop) stores them once with the same keys and metadata,
+    so the file is the same whichever way the weights were held.
+    """
+    if isinstance(model, nn.Module):
+        save_model(model, str(file))
+        return
+    tied = tied or {}
+    tensors = {k: v.contiguous() for k, v in model.items() if k not in tied}
+    save_file(tensors, str(file), metadata={k: v for k, v in tied.items() if k in model} or None)
 
 
 def save_checkpoint(
     folder: Path,
     name: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    model: nn.Module | dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | dict | None,
     rng: dict[str, torch.Tensor] | None,
     state: dict,
+    tied: dict[str, str] | None = None,
 ) -> Path:
     """Write checkpoint ``folder/name`` atomically; refuses non-finite weights.
 
-    Without an optimizer it is weights-only (the ``best`` checkpoint): it can be sampled
-    from but not resumed.
+    ``model`` and ``optimizer`` may be full state dicts already (FSDP gathers them to rank 0);
+    ``tied`` then names the tied weights to store once (see ``save_weights``). Without an
+    optimizer it is weights-only (the ``best`` checkpoint): it can be sampled from but not resumed.
     """
     bad = nonfinite_parameters(model)
     if bad:
@@ -70,9 +88,10 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    save_weights(model, tmp / "model.safetensors", tied)
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng or {}}, tmp / "trainer.pt")
+        optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        torch.save({"optimizer": optim_state, "rng": rng or {}}, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     for file in tmp.iterdir():
         _fsync(file)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -45,3 +47,19 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """Why torch.compile cannot work on ``device`` here, or None.
+
+    Inductor builds C++ kernels on the CPU (it needs a compiler: $CXX, g++, clang++ or c++) and
+    Triton kernels on CUDA; MPS and other devices are left eager.
+    """
+    if device.type == "cpu":
+        candidates = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
+        if not any(c and shutil.which(c) for c in candidates):
+            return "no C++ compiler was found (torch.compile on the CPU needs g++ or clang++)"
+        return None
+    if device.type == "cuda":
+        return None
+    return f"torch.compile is not used on {device.type}"

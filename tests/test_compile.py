@@ -1,0 +1,180 @@
+"""train.compile (torch.compile, with an eager fallback) and train.activation_checkpointing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import run_tiny
+
+import scratchlab.train.device as device_mod
+from scratchlab.config import load_config
+from scratchlab.data.conditioning import collate_conditions, condition_ids
+from scratchlab.loss import codebook_loss, token_loss
+from scratchlab.models import build_model
+from scratchlab.runs.metrics import read_metrics
+from scratchlab.train.device import compiler_missing
+
+
+def losses(run_dir, keys=("loss", "grad_norm", "val_loss")):
+    return [(r["step"], k, r[k]) for r in read_metrics(run_dir / "metrics.jsonl") for k in keys if k in r]
+
+
+def assert_close_sequences(got, want, rel):
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    bad = [(g, w) for g, w in zip(got, want) if not math.isclose(g[2], w[2], rel_tol=rel)]
+    assert not bad, f"{len(bad)} values differ, first: {bad[0]}"
+
+
+# ---------------------------------------------------------------- activation checkpointing
+
+
+def _lm_and_batch():
+    cfg = load_config("tiny-lm", ["model.n_layers=3", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64",
+                                  "model.max_seq_len=32", "train.seq_len=16"])
+    ids = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(1))
+    return cfg, lambda m: token_loss(m(ids[:, :-1]), ids[:, 1:])
+
+
+def _codec_and_batch():
+    cfg = load_config(None, [
+        "model.family=codec_lm", "model.codec.n_codebooks=4", "model.codec.codebook_size=16", "model.n_layers=2",
+        "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "model.codec.text_d_model=32",
+        "model.codec.text_heads=2", "model.codec.max_text_bytes=16", "model.codec.conditioning=text", "train.seq_len=16",
+    ])
+    codes = torch.randint(0, 16, (2, 17, 4), generator=torch.Generator().manual_seed(1))
+    cond_ids, cond_mask = collate_conditions([condition_ids(t, (), 16) for t in ("rain", "a slow waltz")])
+    return cfg, lambda m: codebook_loss(m(codes[:, :-1], cond_ids, cond_mask), codes[:, 1:])[0]
+
+
+@pytest.mark.parametrize("make", [_lm_and_batch, _codec_and_batch], ids=["lm", "codec_lm"])
+def test_activation_checkpointing_recomputes_blocks_and_changes_no_number(make):
+    cfg, loss_of = make()
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        model.activation_checkpointing = checkpointing
+        calls = []
+        model.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))  # recompute may stop early
+        loss = loss_of(model)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, len(calls)))
+    (loss0, grads0, calls0), (loss1, grads1, calls1) = results
+    assert (calls0, calls1) == (1, 2)  # checkpointed: the block ran again in backward
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-6, atol=1e-8, msg=name)
+    # Not under no_grad (eval, sampling): nothing is kept for a backward, so nothing is recomputed.
+    with torch.no_grad():
+        calls.clear()
+        loss_of(model)
+    assert len(calls) == 1
+
+
+def test_activation_checkpointing_in_training(data_dir, tmp_path):
+    plain = run_tiny(data_dir, tmp_path / "plain", train__max_steps=4)
+    checkpointed = run_tiny(data_dir, tmp_path / "ac", train__max_steps=4, train__activation_checkpointing=True)
+    assert_close_sequences(losses(checkpointed.run_dir), losses(plain.run_dir), rel=1e-6)
+    assert "activation checkpointing" in (checkpointed.run_dir / "train.log").read_text()
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_compiler_missing_is_reported(monkeypatch):
+    monkeypatch.setattr(device_mod.shutil, "which", lambda name: None)
+    assert "no C++ compiler" in compiler_missing(torch.device("cpu"))
+    assert compiler_missing(torch.device("cuda")) is None
+
+
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(data_dir, tmp_path, monkeypatch):
+    """torch.compile fails lazily, at the first call: the first step is redone eagerly, on the same batch."""
+    calls = []
+
+    def broken_compile(module, **kwargs):
+        def fails(*args, **kw):
+            calls.append(1)
+            raise RuntimeError("simulated inductor failure\nC++ compile error: ...")
+
+        return fails
+
+    plain = run_tiny(data_dir, tmp_path / "plain", train__max_steps=3)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fell_back = run_tiny(data_dir, tmp_path / "compiled", train__max_steps=3, train__compile=True)
+    assert calls == [1] and fell_back.status == "finished"
+    assert losses(fell_back.run_dir) == losses(plain.run_dir)  # same batches, same numbers
+    warnings = [line for line in (fell_back.run_dir / "train.log").read_text().splitlines() if "torch.compile" in line]
+    assert len(warnings) == 2  # the model line names it, then the one-line warning
+    assert "torch.compile failed (RuntimeError: simulated inductor failure); training eagerly" in warnings[1]
+
+
+def test_no_compiler_trains_eagerly(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(device_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile called without a compiler"))
+    result = run_tiny(data_dir, tmp_path, train__max_steps=2, train__compile=True)
+    assert result.status == "finished"
+    assert "no C++ compiler was found" in (result.run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(compiler_missing(torch.device("cpu")) is not None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_matches_eager(data_dir, tmp_path):
+    """A real inductor compile of the tiny model (~30-45 s on 2 cores, cold cache)."""
+    small = dict(model__n_layers=1, train__max_steps=3, eval__every=3, demo__every=100)
+    eager = run_tiny(data_dir, tmp_path / "eager", **small)
+    compiled = run_tiny(data_dir, tmp_path / "compiled", train__compile=True, **small)
+    log = (compiled.run_dir / "train.log").read_text()
+    assert "torch.compile failed" not in log and "precision fp32, torch.compile" in log
+    assert_close_sequences(losses(compiled.run_dir), losses(eager.run_dir), rel=1e-5)
+
+
+# ---------------------------------------------------------------- the GPU benchmark (configuration and MFU arithmetic)
+
+
+def _benchmark():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_124m_benchmark_is_a_124m_model_at_seq_1024_bf16_compiled(monkeypatch):
+    bench = _benchmark()
+    args = bench.parse_args(["--gpu-124m", "train.batch_size=8"])
+    cfg = bench.bench_config(args.preset, args.overrides)
+    assert args.precisions == ["bf16"] and cfg.train.batch_size == 8  # user overrides win
+    assert (cfg.train.seq_len, cfg.train.precision, cfg.train.compile, cfg.train.device) == (1024, "bf16", True, "cuda")
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    assert 123e6 < model.num_params() < 125e6
+    # MFU = flops_per_token x tokens/s / peak: 855 MFLOP/token at 400k tokens/s on an H100 is 34.6 %.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    name, peak = bench.gpu_peak(torch.device("cuda"))
+    assert name == "h100" and peak == 989.4e12
+    times = bench.StepTimes(seconds=[16 * 1024 / 400_000] * 3)
+    result = bench.summarize("bf16", times, 16 * 1024, model.flops_per_token(1024), 5e14, peak)
+    assert result.tokens_per_s == pytest.approx(400_000)
+    assert result.mfu == pytest.approx(model.flops_per_token(1024) * 400_000 / 989.4e12)
+    assert 0.34 < result.mfu < 0.35
+    assert bench.summarize("fp32", times, 16 * 1024, 1.0, 1.0, peak).mfu is None  # the peak is a bf16 figure
+
+
+@pytest.mark.parametrize("device_name, key", [
+    ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA A10", "a10"), ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"), ("NVIDIA GeForce RTX 4090", "rtx4090"),
+])
+def test_gpu_peak_is_recognised_from_the_device_name(monkeypatch, device_name, key):
+    bench = _benchmark()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    assert bench.gpu_peak(torch.device("cuda"))[0] == key
+    assert bench.gpu_peak(torch.device("cpu")) is None
+    assert bench.gpu_peak(torch.device("cpu"), "a100")[0] == "a100"
