@@ -124,7 +124,8 @@ def record_runs(tmp_path_factory, data_dir) -> dict[str, Path]:
         return {
             "a": run_pinned(data_dir, tmp_path_factory.mktemp("runs_a"), optim__lr=3e-3),
             "b": run_pinned(data_dir, tmp_path_factory.mktemp("runs_b"), optim__lr=1e-3),
-            "crashed": run_pinned(data_dir, tmp_path_factory.mktemp("runs_c"), crash_at_eval=True, optim__lr=3e-3),
+            "crashed": run_pinned(data_dir, tmp_path_factory.mktemp("runs_c"), crash_at_eval=True, optim__lr=3e-3,
+                                  train__name="crashed"),  # its own name: never the same dir name as `a`
         }
     finally:
         torch.set_num_threads(threads)
