@@ -152,12 +152,12 @@ def test_codec_config_errors_are_one_line(codes_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, steps", [("musicgen-tiny", 120), ("dia-tiny", 120)])
+@pytest.mark.parametrize("preset, steps", [("musicgen-tiny", 80), ("dia-tiny", 80)])
 def test_tiny_codec_presets_learn_the_synthetic_codes(preset, steps, tmp_path, monkeypatch):
     """The shipped tiny presets on their generated codes: every codebook's val loss far below ln(codebook)."""
     monkeypatch.setenv("SCRATCHLAB_CACHE", str(tmp_path / "cache"))
-    cfg = load_config(preset, [f"train.max_steps={steps}", f"train.out_dir={tmp_path}", f"eval.every={steps}",
-                               f"demo.every={steps}", "log.progress=lines"])
+    cfg = load_config(preset, [f"train.max_steps={steps}", "train.batch_size=8", f"train.out_dir={tmp_path}",
+                               f"eval.every={steps}", f"demo.every={steps}", "log.progress=lines"])
     result = train(cfg, console=quiet())
     (last,) = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "val_loss_cb0" in r]
     per_cb = [last[f"val_loss_cb{k}"] for k in range(16) if f"val_loss_cb{k}" in last]
