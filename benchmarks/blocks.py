@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -53,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device("auto")
     precision = resolve_precision("auto", device)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 150)  # a log file gets the whole table
     console.print(f"device {device}, precision {precision}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     table = Table(title="training tokens/s by block choice")
     seq_lens = [int(t) for t in args.seq_lens.split(",")]

@@ -236,3 +236,23 @@ def test_flops_per_token_counts_active_experts_only():
     assert model.flops_per_token(T) == 6 * active + 12 * L * d * T
     # 8 routed experts are in the parameters, 2 in the FLOPs:
     assert model.num_params(exclude_embeddings=True) - active == L * 6 * 2 * d * hidden
+
+
+def test_group_sizes_are_bucketed_so_matmul_shapes_stay_few():
+    counts = torch.arange(0, 8193)
+    padded = moe_module._bucket(counts)
+    assert padded[0] == 0 and torch.all(padded >= counts)
+    assert torch.all(padded[1:] - counts[1:] < torch.maximum(counts[1:] / 8, torch.tensor(16)))  # < 1/8 extra
+    assert len(padded.unique()) <= 80  # vs 8,193 distinct sizes unbucketed: oneDNN keeps a kernel per shape
+
+
+def test_experts_see_only_bucketed_groups_and_padding_changes_nothing(monkeypatch):
+    layer = moe(n_routed_experts=4)
+    seen = []
+    original = moe_module.grouped_linear
+    monkeypatch.setattr(moe_module, "grouped_linear",
+                        lambda x, w, ends, counts: seen.append(len(x)) or original(x, w, ends, counts))
+    x = torch.randn(1, 37, 16, requires_grad=True)
+    out = layer(x)
+    assert seen and all(n % 16 == 0 for n in seen) and seen[0] > 37 * 2  # padded beyond the 74 assignments
+    torch.testing.assert_close(out, reference_moe(layer, x), atol=1e-5, rtol=1e-5)

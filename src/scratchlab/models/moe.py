@@ -3,18 +3,17 @@
 Dispatch (the same plan as torchtitan / megablocks, written for CPU first):
 
 1. the router picks top-k experts per token; the N*k (token, expert) assignments are sorted
-   by expert (one stable argsort), so each expert's tokens form one contiguous slice;
-2. one row gather builds that sorted [N*k, D] input, in the autocast dtype;
+   by expert (one stable argsort), so each expert's rows form one contiguous group, padded
+   to a bucketed size (``_bucket``: bounds the matmul shapes oneDNN caches kernels for);
+2. one row gather builds that grouped input from the input cast once to the autocast dtype;
 3. the routed experts' weights are stacked ([E, out, in]) and run as ONE grouped matmul per
-   projection over the slices (``torch._grouped_mm`` on CPU; a loop over experts elsewhere),
+   projection over the groups (``torch._grouped_mm`` on CPU; a loop over experts elsewhere),
    never a loop over tokens and never E small modules;
-4. one row gather by the inverse permutation puts the outputs back in token order, where the
-   k outputs of each token are mixed by their router weights.
+4. one row gather takes each token's k outputs back, mixed by their router weights (bmm).
 
-Both gathers are permutations, so their backward passes are gathers by the inverse
-permutation too (``_permute_rows``): no scatter-add, whose CPU kernel is serial and was a
-large share of the old per-expert dispatch. Shared experts are always on, so they are one
-dense FFN as wide as all of them together (the same function).
+The gathers' backward passes are gathers too (``_Dispatch``, ``_Combine``), not the serial
+CPU scatter-add PyTorch would use for indexing. Shared experts are always on, so they are
+one dense FFN as wide as all of them together (the same function).
 
 Balancing is either the Switch-style auxiliary loss (E * sum_e f_e * P_e) or DeepSeek-V3's
 auxiliary-loss-free per-expert bias, which only shifts which experts are *chosen*, never
@@ -37,41 +36,65 @@ from scratchlab.config import MoEConfig
 from scratchlab.models.blocks import GeluFFN, SwiGLU
 
 
-class _PermuteRows(torch.autograd.Function):
-    """rows[index] where ``index`` is a permutation; the backward is the gather by its inverse."""
+def _bucket(counts: torch.Tensor) -> torch.Tensor:
+    """Round each group size up to one of 8 sizes per octave (steps of at least 16 rows).
 
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return rows.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+    oneDNN (PyTorch's bf16 matmul on CPU) builds and keeps a kernel per distinct matrix shape;
+    expert group sizes change every step, which grew a run's memory by ~100 MB per step.
+    Bucketed sizes bound the shapes it ever sees, for at most 1/8 extra rows.
+    """
+    step = torch.exp2(torch.log2(counts.clamp(min=1).float()).floor() - 3).clamp(min=16).long()
+    return (counts + step - 1) // step * step
 
 
 class _Dispatch(torch.autograd.Function):
-    """Token rows for the first ``n`` sorted assignments: tokens[order[:n] // k] ([n, D]).
+    """rows[r] = tokens[src[r]] for the padded rows grouped by expert ([M, D]).
 
-    ``order`` sorts the N*k assignments (a = token * k + slot) by expert and ``inverse`` undoes
-    it. The backward puts each row's gradient back at its assignment (dropped ones get zero)
-    and sums a token's k slots: gathers and one reduction, no scatter-add.
+    ``row_of[a]`` is the row of assignment a = token * k + slot (M, past the end, when it was
+    dropped). The backward gathers each assignment's row gradient and sums a token's k slots:
+    gathers and one reduction, no scatter-add (PyTorch's CPU kernel for that is serial).
     """
 
     @staticmethod
-    def forward(ctx, tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int, n: int) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return tokens.index_select(0, order[:n] // k)
+    def forward(ctx, tokens: torch.Tensor, src: torch.Tensor, row_of: torch.Tensor, k: int, dropped: bool):
+        ctx.save_for_backward(row_of)
+        ctx.k, ctx.dropped = k, dropped
+        return tokens.index_select(0, src)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        if len(grad) < len(inverse):
-            grad = torch.cat([grad, grad.new_zeros(len(inverse) - len(grad), grad.shape[1])])
-        per_assignment = grad.index_select(0, inverse)
+        (row_of,) = ctx.saved_tensors
+        if ctx.dropped:  # dropped assignments read a zero row
+            grad = torch.cat([grad, grad.new_zeros(1, grad.shape[1])])
+        per_assignment = grad.index_select(0, row_of)
         return per_assignment.view(-1, ctx.k, grad.shape[1]).sum(1), None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """out[n] = sum_j weights[n, j] * y[row_of[n * k + j]]: each token's k expert outputs, mixed.
+
+    ``assignment_of_row[r]`` inverts ``row_of`` (N * k for padding rows), so the gradient of y
+    is a gather too; padding rows get zero.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weights: torch.Tensor, row_of: torch.Tensor, assignment_of_row: torch.Tensor,
+                dropped: bool) -> torch.Tensor:
+        if dropped:  # dropped assignments read a zero row
+            y = torch.cat([y, y.new_zeros(1, y.shape[1])])
+        picked = y.index_select(0, row_of).view(*weights.shape, y.shape[1])  # [N, k, D]
+        ctx.save_for_backward(picked, weights, assignment_of_row)
+        return torch.bmm(weights.unsqueeze(1), picked).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        picked, weights, assignment_of_row = ctx.saved_tensors
+        N, k, D = picked.shape
+        grad_weights = torch.bmm(picked, grad.unsqueeze(-1)).squeeze(-1)
+        per_assignment = grad.new_empty(N * k + 1, D)  # + one zero row for the padding rows
+        per_assignment[-1] = 0
+        torch.mul(weights.unsqueeze(-1), grad.unsqueeze(1), out=per_assignment[:-1].view(N, k, D))
+        return per_assignment.index_select(0, assignment_of_row), grad_weights, None, None, None
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
@@ -181,16 +204,29 @@ class MoEFFN(nn.Module):
             kept = counts.clamp(max=capacity)
             n_kept = int(kept.sum())
         self.last_dropped = N * k - n_kept
-        order = expert_ids.argsort(stable=True)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(N * k, device=x.device)
+        dropped = n_kept < N * k
 
-        rows = _Dispatch.apply(flat, order, inverse, k, n_kept)  # [n_kept, D], sorted by expert
-        y = self.experts(rows, kept, expert_ids[order[:n_kept]] if self.experts.b_in is not None else None)
-        if n_kept < N * k:  # dropped assignments contribute nothing
-            y = torch.cat([y, y.new_zeros(N * k - n_kept, y.shape[1])])
-        y = _PermuteRows.apply(y, inverse, order).view(N, k, -1)  # back to token order
-        out = torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # [N, D]: the k outputs, weighted
+        # Rows grouped by expert, each group padded to a bucketed size (see _bucket): kept
+        # assignment i in sorted order goes to row padded_start[e] + its rank within expert e.
+        order = expert_ids.argsort(stable=True)[:n_kept]
+        sorted_experts = expert_ids[order]
+        padded = _bucket(kept)
+        n_rows = int(padded.sum())
+        rank = torch.arange(n_kept, device=x.device) - (kept.cumsum(0) - kept)[sorted_experts]
+        rows_sorted = (padded.cumsum(0) - padded)[sorted_experts] + rank
+        row_of = torch.full((N * k,), n_rows, dtype=torch.long, device=x.device)
+        row_of[order] = rows_sorted
+        src = torch.zeros(n_rows, dtype=torch.long, device=x.device)  # padding rows compute token 0, unused
+        src[rows_sorted] = order // k
+        assignment_of_row = torch.full((n_rows,), N * k, dtype=torch.long, device=x.device)
+        assignment_of_row[rows_sorted] = order
+
+        rows = _Dispatch.apply(flat, src, row_of, k, dropped)  # [n_rows, D]
+        expert_of_row = None
+        if self.experts.b_in is not None:
+            expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), padded, output_size=n_rows)
+        y = self.experts(rows, padded, expert_of_row)
+        out = _Combine.apply(y, weights.to(y.dtype), row_of, assignment_of_row, dropped)  # [N, D]
         if self.shared is not None:
             out = out + self.shared(flat)
 
