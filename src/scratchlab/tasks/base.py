@@ -110,5 +110,8 @@ class Task(ABC):
         return {}
 
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:
-        """The doctor's checks before step 0 that apply to this family."""
+        """The doctor's checks before step 0 that apply to this family.
+
+        ``batch`` is the first training batch cut to a few samples (the trainer's PREFLIGHT_SAMPLES), on the device.
+        """
         return []

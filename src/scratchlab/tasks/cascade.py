@@ -48,7 +48,6 @@ from scratchlab.runs.store import RunDir
 from scratchlab.tasks.base import Batch, LossOutput, Task
 from scratchlab.train.device import autocast
 
-PREFLIGHT_SAMPLES = 4
 GRAD_TOP = 5
 SCALAR_NUMEL = 8  # preflight judges gradient outliers among parameters with fewer values than this
 EPS = 1e-12
@@ -255,7 +254,6 @@ class CascadeTask(Task):
         pf = importlib.import_module("scratchlab.doctor.preflight")  # the module (the package exports a function)
 
         findings: list[Finding] = []
-        batch = {k: v[:PREFLIGHT_SAMPLES] for k, v in batch.items()}
         probe = copy.deepcopy(model).float()
         frames = {"input_ids": window_of(batch, self.horizon).float()}
         wrapped = _WindowForward(probe, self.horizon)

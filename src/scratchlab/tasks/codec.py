@@ -27,7 +27,6 @@ from scratchlab.tasks.base import Batch, LossOutput, Task
 from scratchlab.train.device import autocast
 
 SYNTHETIC_PREFIX = "synthetic"  # data.path=synthetic[:K=4,codebook=64,...]: a generated, learnable codes set
-PREFLIGHT_SAMPLES = 4
 MAX_DEMO_CONDITIONS = 2
 
 
@@ -247,7 +246,6 @@ class CodecTask(Task):
 
         from scratchlab.doctor.preflight import check_deterministic_windows
 
-        batch = {k: v[:PREFLIGHT_SAMPLES] for k, v in batch.items()}
         special = [self.cfg.model.codec.codebook_size + i for i in range(3)]
         # BOS/PAD may never be targets; EOS is a real target (the data layer keeps it), so only BOS/PAD are checked.
         findings = preflight(_Unconditioned(model), {"input_ids": batch["input_ids"], "labels": batch["labels"]},

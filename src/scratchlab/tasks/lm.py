@@ -20,8 +20,6 @@ from scratchlab.tasks.base import Batch, LossOutput, Task
 from scratchlab.train.device import autocast
 from scratchlab.train.evaluate import evaluate
 
-PREFLIGHT_SAMPLES = 4  # enough for the batch checks; keeps preflight to seconds on a CPU
-
 
 def load_text_data(cfg: Config, announce=None) -> TextData:
     if cfg.data.path == "stdlib":
@@ -143,6 +141,5 @@ class LMTask(Task):
         from scratchlab.doctor.preflight import preflight
 
         cfg = self.cfg
-        batch = {k: v[:PREFLIGHT_SAMPLES] for k, v in batch.items()}
         dataset = WindowDataset(self.data.train, cfg.train.seq_len, "random", seed=cfg.train.seed)
         return preflight(model, batch, dataset=dataset, overfit_steps=cfg.doctor.overfit_steps)

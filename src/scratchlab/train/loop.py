@@ -559,13 +559,16 @@ class Trainer:
 # ---------------------------------------------------------------- entry points
 
 
+PREFLIGHT_SAMPLES = 4  # enough for the batch checks; keeps preflight to seconds on a CPU
+
+
 def run_preflight(trainer: Trainer, reporter: Reporter) -> list[Finding]:
     """The doctor's checks on the real model and the real first batch, before step 0.
 
     Errors stop the run (a UserError listing them) unless ``doctor.allow_errors`` is set.
     """
     cfg = trainer.cfg
-    batch = {k: v.to(trainer.device) for k, v in trainer.first_batch().items()}
+    batch = {k: v[:PREFLIGHT_SAMPLES].to(trainer.device) for k, v in trainer.first_batch().items()}
     started = time.perf_counter()
     findings = sort_findings(trainer.task.preflight(trainer.model, batch))
     errors = [f for f in findings if f.severity == "error"]
