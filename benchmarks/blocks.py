@@ -23,8 +23,8 @@ from rich.table import Table
 
 from scratchlab.config import MLAConfig, ModelConfig, MoEConfig, OptimConfig
 from scratchlab.loss import token_loss
-from scratchlab.models import build_model
-from scratchlab.train.device import autocast, resolve_device, resolve_precision
+from scratchlab.families.registry import build_model
+from scratchlab.runtime import autocast, resolve_device, resolve_precision
 from scratchlab.train.optim import build_optimizer
 
 BASE = dict(n_layers=4, d_model=256, n_heads=4, vocab_size=4096, ffn="gelu", ffn_mult=4.0)

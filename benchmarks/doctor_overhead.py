@@ -26,7 +26,8 @@ from rich.table import Table
 from scratchlab.config import load_config
 from scratchlab.doctor.monitors import MonitorConfig, RunMonitor
 from scratchlab.runs import MetricsLogger, RunDir
-from scratchlab.train.loop import Trainer, build_task, run_preflight
+from scratchlab.families.registry import build_task
+from scratchlab.train.loop import Trainer, run_preflight
 from scratchlab.train.progress import Reporter
 
 

@@ -77,9 +77,9 @@ from torch import nn
 from scratchlab.config import Config, load_config
 from scratchlab.errors import UserError
 from scratchlab.loss import token_loss
-from scratchlab.models import build_model
+from scratchlab.families.registry import build_model
 from scratchlab.scaling.gpus import PEAK_BF16_FLOPS, peak_flops
-from scratchlab.train.device import (
+from scratchlab.runtime import (
     autocast,
     cpu_has_fast_bf16,
     resolve_device,

@@ -10,9 +10,9 @@ from conftest import run_tiny
 
 from scratchlab.config import ModelConfig
 from scratchlab.loss import IGNORE_INDEX, z_loss
-from scratchlab.models import build_model
+from scratchlab.families.registry import build_model
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.sample import generate
+from scratchlab.families.lm.sampler import generate
 
 BASE = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=64)
 

@@ -15,14 +15,14 @@ from torch import nn
 
 from conftest import quiet
 from scratchlab.config import load_config
-from scratchlab.data.signals import get_pairs, load_feature_folder, make_pairs, synthetic_data, window_of
+from scratchlab.families.cascade.data import get_pairs, load_feature_folder, make_pairs, synthetic_data, window_of
 from scratchlab.data.windows import clip_window_starts
 from scratchlab.doctor.monitors import MonitorConfig, check_metrics
 from scratchlab.errors import UserError
-from scratchlab.models import build_model
-from scratchlab.models.cascade import CascadeModel
+from scratchlab.families.registry import build_model
+from scratchlab.families.cascade.model import CascadeModel
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.tasks.cascade import CascadeTask, signal_losses
+from scratchlab.families.cascade.task import CascadeTask, signal_losses
 from scratchlab.train import train
 from scratchlab.train.optim import GroupedAdamW, build_optimizer
 
@@ -332,12 +332,13 @@ def test_learnable_scaling_at_high_lr_is_flagged_before_nan(tmp_path):
 
 
 def test_demo_and_sample_write_frames_and_png(tiny_run, tmp_path):
-    from scratchlab.sample_cascade import sample_cascade_run
+    from scratchlab.families.cascade.sampler import sample_frames
+    from scratchlab.runs.load import load_run
 
     demos = tiny_run.run_dir / "demos"
     assert (demos / "step_000200.npy").is_file() and (demos / "step_000200.png").is_file()
     assert np.load(demos / "step_000200.npy").shape == (32, 8)
-    paths = sample_cascade_run(tiny_run.run_dir, frames=12, out=tmp_path)
+    paths = sample_frames(load_run(tiny_run.run_dir), frames=12, out=tmp_path)
     assert [p.suffix for p in paths] == [".npy", ".png"]
     frames = np.load(paths[0])
     assert frames.shape == (12, 8) and np.isfinite(frames).all()

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from scratchlab.config import load_config
-from scratchlab.data.conditioning import collate_conditions, condition_ids
+from scratchlab.families.codec.conditioning import collate_conditions, condition_ids
 from scratchlab.loss import IGNORE_INDEX, codebook_loss, token_loss
-from scratchlab.models import build_model
-from scratchlab.patterns import DelayPattern, SpecialIds
-from scratchlab.sample_codec import codebook_coverage, generate_codes
+from scratchlab.families.registry import build_model
+from scratchlab.families.codec.patterns import DelayPattern, SpecialIds
+from scratchlab.families.codec.sampler import codebook_coverage, generate_codes
 
 CB = 16
 

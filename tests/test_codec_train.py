@@ -12,15 +12,16 @@ from conftest import quiet
 
 from scratchlab.cli import main
 from scratchlab.config import load_config
-from scratchlab.data.codes import open_codes_data, write_synthetic_codes
-from scratchlab.data.conditioning import collate_conditions, condition_ids
-from scratchlab.data.windows import codes_window
-from scratchlab.models import build_model
-from scratchlab.patterns import DelayPattern, SpecialIds
+from scratchlab.families.codec.data import open_codes_data, write_synthetic_codes
+from scratchlab.families.codec.conditioning import collate_conditions, condition_ids
+from scratchlab.families.codec.patterns import codes_window
+from scratchlab.families.registry import build_model
+from scratchlab.families.codec.patterns import DelayPattern, SpecialIds
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.sample_codec import generate_codes, sample_codec_run
+from scratchlab.families.codec.sampler import generate_codes, sample_codes
+from scratchlab.runs.load import load_run
 from scratchlab.train import train
-from scratchlab.train.loop import build_task
+from scratchlab.families.registry import build_task
 
 CB = 32
 
@@ -92,12 +93,12 @@ def test_cfg_on_a_model_never_trained_unconditionally_warns(codes_dir, tmp_path)
     assert "CFG scales != 1 skipped: train.uncond_prob=0" in text
     assert not list((run / "demos").glob("*cfg3*.npy"))
     warnings = []
-    sample_codec_run(run, "calm", seconds=0.1, cfg_scale=4.0, seed=0, out=tmp_path / "s", warn=warnings.append)
+    sample_codes(load_run(run), "calm", seconds=0.1, cfg_scale=4.0, seed=0, out=tmp_path / "s", warn=warnings.append)
     assert len(warnings) == 1 and "unconditional branch was never trained" in warnings[0]
 
 
 def test_a_crashing_demo_does_not_stop_the_run(codes_dir, tmp_path, monkeypatch):
-    import scratchlab.sample_codec as sampler
+    import scratchlab.families.codec.sampler as sampler
 
     def broken(*args, **kwargs):
         raise RuntimeError("demo bug")
@@ -169,7 +170,7 @@ def test_tiny_codec_presets_learn_the_synthetic_codes(preset, steps, tmp_path, m
 
 def test_preflight_catches_a_crop_that_always_starts_at_zero(codes_dir, tmp_path, monkeypatch):
     """Field note: an inverted crop flag made every sample the clip's first seconds."""
-    import scratchlab.data.codes as codes_mod
+    import scratchlab.families.codec.data as codes_mod
 
     cfg, task = build_task(codec_config(codes_dir, tmp_path))
     model = build_model(cfg.model)

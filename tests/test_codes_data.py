@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from scratchlab.cli import main
-from scratchlab.data.codes import (
+from scratchlab.families.codec.data import (
     open_codes_data,
     split_of,
     synthetic_clip,
     validate_codes_dir,
     write_synthetic_codes,
 )
-from scratchlab.data.conditioning import (
+from scratchlab.families.codec.conditioning import (
     COND_BOS,
     COND_PAD,
     COND_VOCAB,
@@ -25,9 +25,10 @@ from scratchlab.data.conditioning import (
     condition_ids,
     decode_condition,
 )
-from scratchlab.data.windows import clip_window_start, codes_window
+from scratchlab.data.windows import clip_window_start
+from scratchlab.families.codec.patterns import codes_window
 from scratchlab.errors import UserError
-from scratchlab.patterns import IGNORE_INDEX, DelayPattern, SpecialIds
+from scratchlab.families.codec.patterns import IGNORE_INDEX, DelayPattern, SpecialIds
 
 PRESETS = ("parallel", "musicgen", "dia")
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import run_tiny
 
-import scratchlab.train.device as device_mod
+import scratchlab.runtime as device_mod
 from scratchlab.config import load_config
-from scratchlab.data.conditioning import collate_conditions, condition_ids
+from scratchlab.families.codec.conditioning import collate_conditions, condition_ids
 from scratchlab.loss import codebook_loss, token_loss
-from scratchlab.models import build_model
+from scratchlab.families.registry import build_model
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.train.device import compiler_missing
+from scratchlab.runtime import compiler_missing
 
 
 def losses(run_dir, keys=("loss", "grad_norm", "val_loss")):

@@ -22,9 +22,9 @@ from safetensors.torch import save_model
 from scratchlab.cli import main
 from scratchlab.config import load_config
 from scratchlab.errors import UserError
-from scratchlab.models import build_model
+from scratchlab.families.registry import build_model
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.train.checkpoint import save_weights
+from scratchlab.runs.checkpoint import save_weights
 from scratchlab.train.distributed import (
     DistContext,
     init_distributed,
@@ -90,7 +90,8 @@ def test_tied_weights_gathered_as_two_tensors_save_like_save_model(tmp_path):
 def test_the_trainer_feeds_each_rank_its_rows_of_every_micro_batch(data_dir, tmp_path, monkeypatch):
     from conftest import quiet
 
-    from scratchlab.train.loop import Reporter, Trainer, build_task
+    from scratchlab.families.registry import build_task
+    from scratchlab.train.loop import Reporter, Trainer
 
     cfg = load_config("tiny-lm", tiny_overrides(data_dir, tmp_path, train__grad_accum=2))
     cfg, task = build_task(cfg)

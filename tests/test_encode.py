@@ -14,8 +14,8 @@ pytest.importorskip("transformers", reason="the audio extra is not installed: pi
 import soundfile as sf  # noqa: E402
 
 from scratchlab.cli import main  # noqa: E402
-from scratchlab.data.codes import open_codes_data  # noqa: E402
-from scratchlab.data.encode import encode_audio_dir, load_codec, read_audio  # noqa: E402
+from scratchlab.families.codec.data import open_codes_data  # noqa: E402
+from scratchlab.families.codec.encode import encode_audio_dir, load_codec, read_audio  # noqa: E402
 from scratchlab.errors import UserError  # noqa: E402
 
 

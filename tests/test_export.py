@@ -14,13 +14,19 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_tiny, tiny_overrides
-from scratchlab import export as export_module
+from scratchlab.families.lm import export as export_module
 from scratchlab.cli import main
 from scratchlab.config import load_config, to_yaml
 from scratchlab.errors import UserError
-from scratchlab.export import export_hf, unmapped_features
-from scratchlab.sample import generate
-from scratchlab.train.loop import load_run_model
+from scratchlab.export import export_run
+from scratchlab.families.lm.export import export_hf, unmapped_features
+from scratchlab.families.lm.sampler import generate
+from scratchlab.families.lm.sampler import text_model
+from scratchlab.runs.load import load_run
+
+
+def load_run_model(run):
+    return text_model(load_run(run))
 
 TEXT = 'def main(argv=None):\n    """Run it."""\n    return 0\n'
 
@@ -41,7 +47,7 @@ def exported(request, data_dir, tmp_path_factory):
         # More steps than the fixture default so the weights are far from init (a mapping error shows).
         run = run_tiny(data_dir, root / "runs", train__max_steps=30, eval__every=15, demo__every=1000,
                        train__save_every=15, **ARCHITECTURES[request.param]).run_dir
-        result = export_hf(run, root / "hf")
+        result = export_hf(load_run(run), root / "hf")
     finally:
         torch.set_num_threads(threads)
     return run, result
@@ -120,7 +126,7 @@ def config_only_run(tmp_path, data_dir, **overrides):
 def test_unmapped_features_are_refused(overrides, named, tmp_path, data_dir):
     run = config_only_run(tmp_path, data_dir, **overrides)
     with pytest.raises(UserError) as info:
-        export_hf(run, tmp_path / "hf")
+        export_run(run, tmp_path / "hf")
     message = str(info.value)
     assert "\n" not in message and named in message and "cannot export" in message
     assert not (tmp_path / "hf").exists()
@@ -155,7 +161,7 @@ def test_a_wrong_mapping_is_caught_by_the_logit_check(data_dir, tmp_path, monkey
 
     monkeypatch.setattr(export_module, "llama_state_dict", swapped_gate_and_up)
     with pytest.raises(UserError, match="logits differ from scratchlab's"):
-        export_hf(run, tmp_path / "hf")
+        export_hf(load_run(run), tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
@@ -164,7 +170,7 @@ def test_out_dir_and_extra_checks(data_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("mine")
     with pytest.raises(UserError, match="exists and is not an empty folder"):
-        export_hf(run, tmp_path / "taken")
+        export_run(run, tmp_path / "taken")
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if the hf extra were not installed
     code = main(["export", str(run), "--out", str(tmp_path / "hf")])
     assert code == 2

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from scratchlab.config import MLAConfig, ModelConfig
-from scratchlab.models import build_model
+from scratchlab.families.registry import build_model
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.sample import generate
+from scratchlab.families.lm.sampler import generate
 
 from conftest import run_tiny
 

@@ -9,8 +9,8 @@ import torch
 
 from scratchlab.config import ModelConfig
 from scratchlab.loss import token_loss
-from scratchlab.models import build_model
-from scratchlab.models.blocks import RMSNorm
+from scratchlab.families.registry import build_model
+from scratchlab.layers.blocks import RMSNorm
 
 
 def tiny(**kw) -> torch.nn.Module:
@@ -134,7 +134,7 @@ def test_attention_logit_probe_matches_an_explicit_computation():
     attn.register_forward_pre_hook(lambda mod, args: captured.update(x=args[0]))  # returns None: args unchanged
     model.attention_logit_max(ids)
     with torch.no_grad():
-        from scratchlab.models.blocks import apply_rope
+        from scratchlab.layers.blocks import apply_rope
 
         x = captured["x"]
         q, k, _ = attn.qkv(x).split([32, 32, 32], dim=-1)

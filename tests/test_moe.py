@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from scratchlab.config import ModelConfig, MoEConfig
-from scratchlab.models import build_model
-from scratchlab.models.blocks import GeluFFN
-from scratchlab.models import moe as moe_module
-from scratchlab.models.moe import MoEFFN
+from scratchlab.families.registry import build_model
+from scratchlab.layers.blocks import GeluFFN
+from scratchlab.layers import moe as moe_module
+from scratchlab.layers.moe import MoEFFN
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.sample import generate
+from scratchlab.families.lm.sampler import generate
 
 from conftest import run_tiny
 

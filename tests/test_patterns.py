@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchlab.patterns import IGNORE_INDEX, DelayPattern, SpecialIds, training_pair
+from scratchlab.families.codec.patterns import IGNORE_INDEX, DelayPattern, SpecialIds, training_pair
 
 SPECIAL = SpecialIds.for_codebook(100)
 B, P, E = 100, 101, 102  # BOS, PAD, EOS for a codebook of 100 entries

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from scratchlab.config import ModelConfig
-from scratchlab.models import build_model
-from scratchlab.sample import filter_logits, generate
+from scratchlab.families.registry import build_model
+from scratchlab.families.lm.sampler import generate
+from scratchlab.layers.sampling import filter_logits
 
 
 @pytest.fixture(scope="module")

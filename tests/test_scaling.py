@@ -14,7 +14,7 @@ from conftest import run_tiny
 from scratchlab.cli import main
 from scratchlab.config import ModelConfig, load_config
 from scratchlab.errors import UserError
-from scratchlab.models.registry import build_model
+from scratchlab.families.registry import build_model
 from scratchlab.scaling import laws
 from scratchlab.scaling.fit import RunPoint, collect_runs, fit_law, group_by_compute, isoflop_fit
 from scratchlab.scaling.isoflop import isoflop_sweep

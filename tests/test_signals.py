@@ -15,7 +15,7 @@ from rich.console import Console
 from scratchlab.config import load_config
 from scratchlab.runs.metrics import read_metrics
 from scratchlab.train import train
-from scratchlab.train.checkpoint import latest_checkpoint
+from scratchlab.runs.checkpoint import latest_checkpoint
 
 from conftest import tiny_overrides
 

@@ -11,24 +11,26 @@ import torch
 from conftest import quiet, run_tiny, tiny_overrides
 from safetensors.torch import load_file
 
-import scratchlab.train.checkpoint as checkpoint_mod
-import scratchlab.tasks.lm as lm_task
+import scratchlab.runs.checkpoint as checkpoint_mod
+import scratchlab.families.lm.task as lm_task
 import scratchlab.train.loop as loop
 from scratchlab.cli import main
 from scratchlab.config import ClipConfig, OptimConfig, load_config
 from scratchlab.data.text import open_text_data
 from scratchlab.doctor import read_findings
-from scratchlab.models import TransformerLM
+from scratchlab.families.lm.model import TransformerLM
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.train import evaluate, load_run_model, train
-from scratchlab.train.checkpoint import latest_checkpoint, step_checkpoints
+from scratchlab.families.lm.evaluate import evaluate
+from scratchlab.runs.load import load_run
+from scratchlab.train import train
+from scratchlab.runs.checkpoint import latest_checkpoint, step_checkpoints
 from scratchlab.train.optim import clip_threshold_at, lr_at
 
 TRAIN_KEYS = {"step", "tokens", "loss", "lr", "grad_norm", "clip_threshold", "clipped", "clip_ratio", "tokens_per_s"}
 
 
 def param_names(run) -> set[str]:
-    return {name for name, _ in load_run_model(run, checkpoint="step_000004")[0].named_parameters()}
+    return {name for name, _ in load_run(run, checkpoint="step_000004").model.named_parameters()}
 
 
 

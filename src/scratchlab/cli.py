@@ -30,39 +30,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from scratchlab.runs.store import run_family
+    from scratchlab.families.base import SampleRequest
     from scratchlab.sample import sample_run
 
-    family = run_family(args.run_dir)
-    if family == "codec_lm":
-        from scratchlab.sample_codec import sample_codec_run
-
-        paths = sample_codec_run(
-            args.run_dir, args.text or args.prompt, seconds=args.seconds, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale, n=args.n, seed=args.seed,
-            checkpoint=args.checkpoint, out=args.out, audio=args.audio, warn=lambda line: print(line, file=sys.stderr),
-        )
-        for path in paths:
-            print(f"wrote {path}")
-        return 0
-    if family == "cascade":
-        from scratchlab.sample_cascade import sample_cascade_run
-
-        for path in sample_cascade_run(args.run_dir, seconds=args.seconds, seed=args.seed,
-                                       checkpoint=args.checkpoint, out=args.out):
-            print(f"wrote {path}")
-        return 0
-    text = sample_run(
-        args.run_dir,
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        checkpoint=args.checkpoint,
+    request = SampleRequest(
+        prompt=args.text or args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, seconds=args.seconds, cfg_scale=args.cfg_scale,
+        n=args.n, out=args.out, audio=args.audio, warn=lambda line: print(line, file=sys.stderr),
     )
-    print(text)
+    for line in sample_run(args.run_dir, request, checkpoint=args.checkpoint):
+        print(line)
     return 0
 
 
@@ -87,7 +64,7 @@ def _cmd_data_codes(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from scratchlab.data.codes import render_summary, validate_codes_dir
+    from scratchlab.families.codec.data import render_summary, validate_codes_dir
 
     summary = validate_codes_dir(args.dir, codebook_size=args.codebook_size, n_codebooks=args.n_codebooks,
                                  on_bad="refuse" if args.refuse_bad else "skip", write_summary=True)
@@ -99,7 +76,7 @@ def _cmd_data_codes(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_synth_codes(args: argparse.Namespace) -> int:
-    from scratchlab.data.codes import write_synthetic_codes
+    from scratchlab.families.codec.data import write_synthetic_codes
 
     out = write_synthetic_codes(args.out, n_clips=args.clips, T=args.frames, K=args.codebooks,
                                 codebook_size=args.codebook_size, seed=args.seed, min_T=args.min_frames)
@@ -110,8 +87,8 @@ def _cmd_data_synth_codes(args: argparse.Namespace) -> int:
 def _cmd_data_encode(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from scratchlab.data.codes import render_summary
-    from scratchlab.data.encode import encode_audio_dir
+    from scratchlab.families.codec.data import render_summary
+    from scratchlab.families.codec.encode import encode_audio_dir
 
     result = encode_audio_dir(args.audio_dir, args.out, args.codec, random_weights=args.random_weights,
                               model=args.model, bandwidth=args.bandwidth, device=args.device, progress=print)
@@ -153,14 +130,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from scratchlab.export import export_hf
+    from scratchlab.export import export_run
 
-    result = export_hf(args.run_dir, args.out, checkpoint=args.checkpoint)
-    print(
-        f"wrote {result.out_dir}: Llama model ({result.n_params:,} params) from {result.checkpoint.name} "
-        f"(step {result.step}), tokenizer and config; transformers' logits match scratchlab's within "
-        f"{result.max_abs_diff:.1e}\nload it with: AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r})"
-    )
+    print(export_run(args.run_dir, args.out, args.format, checkpoint=args.checkpoint))
     return 0
 
 
@@ -348,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a run's model in another format (hf: a transformers Llama directory)")
     p.add_argument("run_dir")
-    p.add_argument("--format", choices=["hf"], default="hf", help="hf: Hugging Face transformers (Llama)")
+    p.add_argument("--format", default="hf", help="hf: Hugging Face transformers (Llama; lm runs)")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--checkpoint", default=None, help="checkpoint name under RUN/checkpoints (default best, else latest)")
     p.set_defaults(func=_cmd_export)

@@ -79,7 +79,7 @@ class MLAConfig(_Section):
 
 
 class CodecConfig(_Section):
-    """The ``codec_lm`` family: K codebooks of audio-codec tokens, delay-interleaved (patterns.py)."""
+    """The ``codec_lm`` family: K codebooks of audio-codec tokens, delay-interleaved (families/codec/patterns.py)."""
 
     n_codebooks: int | None = Field(None, ge=1, description="K; defaults to the data's.")
     codebook_size: int | None = Field(None, ge=2, description="Entries per codebook; defaults to the data's.")

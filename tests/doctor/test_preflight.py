@@ -24,7 +24,7 @@ from torch import nn
 from scratchlab.config import ModelConfig
 from scratchlab.doctor.findings import Finding
 from scratchlab.doctor.preflight import preflight
-from scratchlab.models import build_model
+from scratchlab.families.registry import build_model
 
 V, T, B = 64, 32, 4
 

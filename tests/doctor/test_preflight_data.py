@@ -23,7 +23,7 @@ from scratchlab.doctor.preflight import (
     check_vocab_coverage,
     preflight,
 )
-from scratchlab.models import build_model
+from scratchlab.families.registry import build_model
 
 V, T, B = 64, 32, 4
 PREFLIGHT = Path(__file__).resolve().parents[2] / "src" / "scratchlab" / "doctor" / "preflight.py"

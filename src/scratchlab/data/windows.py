@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from scratchlab.errors import UserError
-from scratchlab.patterns import DelayPattern, SpecialIds, training_pair
 
 WindowMode = Literal["random", "fixed"]
 
@@ -139,7 +138,7 @@ def clip_window_starts(
     return clip.astype(np.int64), start.astype(np.int64)
 
 
-# -- codec clips: one crop per clip, then the delay pattern (see patterns.py and docs/codec-data.md)
+# -- clips (codec codes, cascade frames): one crop per clip; the codec family then applies its delay pattern
 
 
 def clip_window_start(
@@ -162,28 +161,3 @@ def clip_window_start(
     if mode == "fixed":
         return last_start * (index % 3) // 2
     raise ValueError(f"unknown window mode {mode!r}; use 'random' or 'fixed'")
-
-
-def codes_window(
-    codes: np.ndarray, start: int, window: int, pattern: DelayPattern, special: SpecialIds
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, labels)``, each ``[window + 1 + max_delay, K]`` int64, for the crop at ``start``.
-
-    The targets are the crop's frames (at most ``window``) and, when the crop reaches the clip's
-    end, the staggered EOS. Frames after a mid-clip crop stay in the stream as context only
-    (labels -100), so the inputs look as they will when sampling a longer piece; a shorter stream
-    (short clip, or a crop near the end) is padded with PAD (labels -100) to the fixed length.
-    """
-    length = int(codes.shape[0])
-    n_frames = min(window, length - start)
-    if n_frames < 0 or start < 0:
-        raise ValueError(f"crop start {start} outside a clip of {length} frames")
-    seq_len = window + 1 + pattern.max_delay
-    context = np.asarray(codes[start : start + window + pattern.max_delay])
-    reaches_end = start + len(context) == length
-    stream = torch.from_numpy(pattern.apply(context, special, eos=reaches_end))[:seq_len]
-    if len(stream) < seq_len:
-        tail = torch.full((seq_len - len(stream), pattern.n_codebooks), special.pad, dtype=torch.long)
-        stream = torch.cat([stream, tail])
-    input_ids, labels = training_pair(stream, special, pattern, n_frames, eos=start + n_frames == length)
-    return input_ids, labels

@@ -3,7 +3,7 @@
 Every result is a `Finding` with a stable code documented in docs/findings.md.
 """
 
-from scratchlab.doctor import catalog as _catalog  # noqa: F401  (registers the codes)
+import scratchlab.doctor.catalog  # noqa: F401  (registers the codes)
 from scratchlab.doctor.findings import (
     CATALOG,
     Finding,

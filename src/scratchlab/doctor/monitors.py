@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from scratchlab.doctor import catalog as _catalog  # noqa: F401  (registers the codes)
+import scratchlab.doctor.catalog  # noqa: F401  (registers the codes)
 from scratchlab.doctor.findings import Finding, make_finding
 
 if TYPE_CHECKING:

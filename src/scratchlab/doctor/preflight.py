@@ -75,7 +75,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scratchlab.doctor import catalog as _catalog  # noqa: F401  (registers the codes)
+import scratchlab.doctor.catalog  # noqa: F401  (registers the codes)
 from scratchlab.doctor.findings import Finding, make_finding
 from scratchlab.loss import IGNORE_INDEX, token_loss
 

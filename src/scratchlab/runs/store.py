@@ -6,7 +6,7 @@
       status.json      running | finished | stopped | crashed, with the last step
       metrics.jsonl    see runs/metrics.py
       tokenizer.json   copy of the data's tokenizer, so the run samples on its own
-      checkpoints/     see train/checkpoint.py
+      checkpoints/     see runs/checkpoint.py
       demos/           step_NNNNNN.txt
       train.log
 """

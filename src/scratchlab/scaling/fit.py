@@ -66,7 +66,7 @@ def _final_val_loss(run_dir: Path, status: dict) -> float | None:
 def read_run(path: str | Path) -> tuple[RunPoint | None, str]:
     """(the run's point, "") or (None, why it is skipped). N is counted on the model built on the meta device."""
     from scratchlab.config import build_config, read_source
-    from scratchlab.models.registry import build_model
+    from scratchlab.families.registry import build_model
     from scratchlab.runs import RunDir
 
     run = RunDir.open(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from scratchlab.config import Config, build_config, deep_merge, load_config, to_yaml
 from scratchlab.errors import UserError
-from scratchlab.scaling import laws
+import scratchlab.scaling.laws as laws
 from scratchlab.scaling.plan import human
 from scratchlab.scaling.shapes import Shape, candidate_shapes
 

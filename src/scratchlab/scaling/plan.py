@@ -14,7 +14,7 @@ from rich.table import Table
 
 from scratchlab.config import ModelConfig
 from scratchlab.errors import UserError
-from scratchlab.scaling import laws
+import scratchlab.scaling.laws as laws
 from scratchlab.scaling.gpus import PEAK_BF16_FLOPS, flops_from_gpu_hours
 from scratchlab.scaling.shapes import Shape, pick_shapes
 

@@ -70,7 +70,8 @@ def _layer_config(base: ModelConfig, d_model: int, n_layers: int, vocab_size: in
 @lru_cache(maxsize=4096)
 def _counts(base_json: str, d_model: int, vocab_size: int) -> tuple[int, int, int, int]:
     """(params per block, final norm params, untied head params, ffn hidden) for this width, on meta."""
-    from scratchlab.models.blocks import Block, RMSNorm, ffn_hidden
+    from scratchlab.layers.blocks import RMSNorm, ffn_hidden
+    from scratchlab.layers.decoder import Block
 
     base = ModelConfig.model_validate_json(base_json)
     cfg = _layer_config(base, d_model, 1, vocab_size)

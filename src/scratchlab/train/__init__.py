@@ -1,6 +1,5 @@
-"""Training: optimizer and schedules, checkpoints, the loop."""
+"""Training: optimizer and schedules, the loop (checkpoints live with the run records in runs/)."""
 
-from scratchlab.train.evaluate import evaluate
-from scratchlab.train.loop import TrainResult, load_run_model, train
+from scratchlab.train.loop import TrainResult, train
 
-__all__ = ["TrainResult", "evaluate", "load_run_model", "train"]
+__all__ = ["TrainResult", "train"]

@@ -29,7 +29,6 @@ from scratchlab.config import (
     read_source,
     to_yaml,
 )
-from scratchlab.data.text import load_tokenizer
 from scratchlab.doctor.findings import (
     Finding,
     make_finding,
@@ -46,11 +45,10 @@ from scratchlab.doctor.probes import (
     update_ratio,
 )
 from scratchlab.errors import UserError
-from scratchlab.models import build_model
 from scratchlab.runs.metrics import MetricsLogger, read_metrics, truncate_after
 from scratchlab.runs.sinks import check_sinks, open_sinks
 from scratchlab.runs.store import RunDir, environment
-from scratchlab.train.checkpoint import (
+from scratchlab.runs.checkpoint import (
     BEST,
     NonFiniteModelError,
     latest_checkpoint,
@@ -60,7 +58,7 @@ from scratchlab.train.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from scratchlab.train.device import autocast, compiler_missing, resolve_device, resolve_precision
+from scratchlab.runtime import autocast, compiler_missing, resolve_device, resolve_precision
 from scratchlab.train.distributed import (
     DistContext,
     clip_grad_norm,
@@ -76,7 +74,8 @@ from scratchlab.train.distributed import (
     tied_parameters,
     wrap_model,
 )
-from scratchlab.tasks import Task, task_class
+from scratchlab.families.base import Task
+from scratchlab.families.registry import build_model, build_task
 from scratchlab.train.optim import build_optimizer, clip_threshold_at, lr_at
 from scratchlab.train.progress import Reporter
 
@@ -100,12 +99,6 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     status: str
-
-
-def build_task(cfg: Config, reporter: Reporter | None = None) -> tuple[Config, Task]:
-    """The model family's task (its data loaded) and the config with data-dependent fields filled in."""
-    task = task_class(cfg.model.family)(cfg, reporter.info if reporter else None)
-    return task.configure(cfg), task
 
 
 # ---------------------------------------------------------------- the trainer
@@ -710,37 +703,3 @@ def _train(
     if main:
         _print_summary(console, result, last_demo.read_text() if last_demo.exists() else None)
     return result
-
-
-def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str = "cpu") -> tuple[Config, torch.nn.Module]:
-    """(config, model in eval mode) of any run, from its best checkpoint (else the latest, or the named one)."""
-    run = RunDir.open(run_dir)
-    cfg = build_config(read_source(run.config_file))
-    if checkpoint is not None:
-        ckpt = run.checkpoints / checkpoint if not Path(checkpoint).is_dir() else Path(checkpoint)
-    elif (run.checkpoints / BEST).is_dir():
-        ckpt = run.checkpoints / BEST
-    else:
-        ckpt = latest_checkpoint(run.checkpoints)
-    if ckpt is None or not ckpt.is_dir():
-        raise UserError(f"run {run.path} has no checkpoint{' ' + checkpoint if checkpoint else ''} to sample from")
-    model = build_model(cfg.model).to(resolve_device(device))
-    load_weights(model, ckpt)
-    model.eval()
-    return cfg, model
-
-
-def load_run_model(run_dir: str | Path, checkpoint: str | None = None, device: str = "cpu"):
-    """(model, tokenizer, eos_id) of a text LM run (see load_run)."""
-    cfg, model = load_run(run_dir, checkpoint, device)
-    run = RunDir.open(run_dir)
-    if cfg.model.family != "lm":
-        raise UserError(f"run {run.path} is a {cfg.model.family} run, not a text LM")
-    tokenizer = load_tokenizer(run.tokenizer_file)
-    eos_id = tokenizer.token_to_id("<|endoftext|>")
-    if tokenizer.get_vocab_size() > cfg.model.vocab_size:
-        raise UserError(
-            f"{run.tokenizer_file} has {tokenizer.get_vocab_size()} tokens but the model only {cfg.model.vocab_size}: "
-            "tokenizer/vocab mismatch; use the tokenizer the run was trained with"
-        )
-    return model, tokenizer, eos_id

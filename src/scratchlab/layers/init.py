@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from scratchlab.models.moe import GroupedExperts
+from scratchlab.layers.moe import GroupedExperts
 
 INIT_SCHEMES = ("normal", "xavier", "depth_scaled", "truncated_normal")
 

@@ -18,36 +18,22 @@ import torch
 from torch import nn
 
 from scratchlab.config import Config
-from scratchlab.data.conditioning import decode_condition
+from scratchlab.families.codec.conditioning import decode_condition
 from scratchlab.doctor.findings import Finding
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, codebook_loss, token_loss
 from scratchlab.runs.store import RunDir
-from scratchlab.tasks.base import Batch, LossOutput, Task
-from scratchlab.train.device import autocast
+from scratchlab.families.base import Batch, LossOutput, Task
+from scratchlab.families.codec.patterns import pattern_for
+from scratchlab.runtime import autocast
 
 SYNTHETIC_PREFIX = "synthetic"  # data.path=synthetic[:K=4,codebook=64,...]: a generated, learnable codes set
 MAX_DEMO_CONDITIONS = 2
 
 
-def pattern_for(cfg: Config, n_codebooks: int):
-    from scratchlab.patterns import DelayPattern
-
-    c = cfg.model.codec
-    if c.pattern == "custom":
-        if len(c.delays) != n_codebooks:
-            raise UserError(f"model.codec.delays has {len(c.delays)} entries for {n_codebooks} codebooks; give one per codebook")
-        pattern = DelayPattern(c.delays)
-    else:
-        pattern = DelayPattern.preset(c.pattern, n_codebooks)
-    if pattern.delays[0] != min(pattern.delays):
-        raise UserError(f"model.codec.delays {list(pattern.delays)}: codebook 0 must have the smallest delay (it carries EOS)")
-    return pattern
-
-
 def synthetic_codes_dir(spec: str) -> Path:
     """``synthetic`` or ``synthetic:clips=64,frames=200,K=4,codebook=64,seed=0`` -> a cached generated codes dir."""
-    from scratchlab.data.codes import write_synthetic_codes
+    from scratchlab.families.codec.data import write_synthetic_codes
     from scratchlab.data.text import cache_dir
 
     options = {"clips": 64, "frames": 160, "K": 4, "codebook": 64, "seed": 0}
@@ -68,7 +54,7 @@ class CodecTask(Task):
     family = "codec_lm"
 
     def __init__(self, cfg: Config, announce=None) -> None:
-        from scratchlab.data.codes import open_codes_data
+        from scratchlab.families.codec.data import open_codes_data
 
         super().__init__(cfg, announce)
         path = cfg.data.path
@@ -98,7 +84,7 @@ class CodecTask(Task):
         if c.codebook_weights is not None and len(c.codebook_weights) != K:
             raise UserError(f"model.codec.codebook_weights has {len(c.codebook_weights)} entries for {K} codebooks")
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"codec": c.model_copy(update=update)})})
-        self.pattern = pattern_for(cfg, K)
+        self.pattern = pattern_for(cfg.model.codec, K)
         needed = cfg.train.seq_len + 1 + self.pattern.max_delay
         if needed > cfg.model.max_seq_len:
             raise UserError(f"train.seq_len={cfg.train.seq_len} frames with delays up to {self.pattern.max_delay} need "
@@ -199,8 +185,8 @@ class CodecTask(Task):
         return [self.data.condition_text("val", i) for i in range(min(MAX_DEMO_CONDITIONS, self.data.n_clips("val")))] or [""]
 
     def demo(self, model: nn.Module, step: int, out_dir: Path, device: torch.device, precision: str) -> str | None:
-        from scratchlab.data.conditioning import collate_conditions, condition_ids
-        from scratchlab.sample_codec import codebook_coverage, generate_codes
+        from scratchlab.families.codec.conditioning import collate_conditions, condition_ids
+        from scratchlab.families.codec.sampler import codebook_coverage, generate_codes
 
         cfg, c = self.cfg, self.cfg.model.codec
         frames = max(1, int(round(cfg.demo.seconds * (c.frame_rate or 50.0))))

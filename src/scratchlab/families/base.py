@@ -13,12 +13,15 @@ A `Task` owns everything that depends on what the tokens (or frames) are:
 - ``write_assets``: what the run dir needs to sample on its own (tokenizer, data.json);
 - ``preflight``: the doctor's checks that apply to this family.
 
-A family registers its task class in ``TASKS`` (tasks/__init__.py) under ``model.family``.
+A family is one folder under families/ whose ``__init__`` defines a ``FamilySpec`` (model builder,
+task, sampler, exporters, extra monitors); families/registry.py maps ``model.family`` to it
+(docs/families.md).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scratchlab.config import Config
+from scratchlab.config import Config, ModelConfig
 from scratchlab.doctor.findings import Finding
 from scratchlab.runs.store import RunDir
 
@@ -115,3 +118,63 @@ class Task(ABC):
         ``batch`` is the first training batch cut to a few samples (the trainer's PREFLIGHT_SAMPLES), on the device.
         """
         return []
+
+
+@dataclass
+class LoadedRun:
+    """A run dir with its config and a model restored from one of its checkpoints (eval mode)."""
+
+    run: RunDir
+    cfg: Config
+    model: nn.Module
+    checkpoint: Path
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+
+@dataclass
+class SampleRequest:
+    """What ``scratchlab sample`` asks of a family's sampler; each family reads the fields it uses."""
+
+    prompt: str = ""  # lm: the text to continue; codec: the condition (text and tags)
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    seconds: float | None = None  # codec / cascade: how much to generate
+    cfg_scale: float = 1.0  # codec: classifier-free guidance
+    n: int = 1
+    out: str | Path | None = None  # where files go (default RUN/samples)
+    audio: bool = False  # codec: also decode to .wav with the data's codec
+    warn: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """One export format of a family: ``check`` refuses from the config alone (before any weights are
+    read), ``write`` exports a loaded run and returns the line to show."""
+
+    check: Callable[[Config, Path], None]
+    write: Callable[[LoadedRun, Path], str]
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything scratchlab needs to know about one model family; the registry's only content.
+
+    ``sample`` turns a loaded run and a request into lines to print (text, or the paths it wrote);
+    ``exporters`` maps a format name (``hf``) to its Exporter;
+    ``monitors`` builds the family's extra in-training monitors from the config.
+    """
+
+    name: str
+    model: Callable[[ModelConfig], nn.Module]
+    task: type[Task]
+    sample: Callable[[LoadedRun, SampleRequest], list[str]]
+    config_section: str | None = None  # model.<section> valid only for this family (codec, cascade)
+    exporters: dict[str, Exporter] = field(default_factory=dict)
+    monitors: Callable[[Config], list] | None = None
+    description: str = ""

@@ -15,10 +15,10 @@ from scratchlab.doctor.findings import Finding
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, token_loss, z_loss
 from scratchlab.runs.store import RunDir
-from scratchlab.sample import generate
-from scratchlab.tasks.base import Batch, LossOutput, Task
-from scratchlab.train.device import autocast
-from scratchlab.train.evaluate import evaluate
+from scratchlab.families.lm.sampler import generate
+from scratchlab.families.base import Batch, LossOutput, Task
+from scratchlab.runtime import autocast
+from scratchlab.families.lm.evaluate import evaluate
 
 
 def load_text_data(cfg: Config, announce=None) -> TextData:

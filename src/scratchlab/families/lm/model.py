@@ -11,8 +11,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scratchlab.config import ModelConfig
-from scratchlab.models.blocks import Block, KVCache, RMSNorm, rope_tables
-from scratchlab.models.init import init_weights
+from scratchlab.layers.blocks import KVCache, RMSNorm, rope_tables
+from scratchlab.layers.decoder import Block
+from scratchlab.layers.init import init_weights
 
 
 class TransformerLM(nn.Module):
@@ -92,7 +93,7 @@ class TransformerLM(nn.Module):
         attn = self.blocks[0].attn
         ref = self.tok_emb.weight
         if self.cfg.attention == "mla":
-            from scratchlab.models.mla import LatentCache
+            from scratchlab.layers.mla import LatentCache
 
             m = self.cfg.mla
             return LatentCache(len(self.blocks), batch, max_len or self.cfg.max_seq_len, m.kv_lora_rank,

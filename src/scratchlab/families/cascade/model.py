@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from scratchlab.config import ModelConfig
-from scratchlab.models.blocks import Block, RMSNorm, rope_tables
-from scratchlab.models.init import init_weights
+from scratchlab.layers.blocks import RMSNorm, rope_tables
+from scratchlab.layers.decoder import Block
+from scratchlab.layers.init import init_weights
 
 EPS = 1e-8
 

@@ -1,4 +1,5 @@
-"""Transformer building blocks: RMSNorm, RoPE, causal attention with a KV cache, FFNs.
+"""Transformer building blocks (a leaf: imports nothing of scratchlab): RMSNorm, RoPE, causal attention with a
+KV cache, FFNs. The block that stacks them is in decoder.py.
 
 Shapes: B batch, T time, D model width, H query heads, G key/value heads, E head dim.
 Attention runs over the TIME axis (field note: one model summed over the head dim),
@@ -11,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchlab.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -180,33 +180,3 @@ def ffn_hidden(d_model: int, ffn: str, mult: float) -> int:
     """SwiGLU has three matrices, so its hidden width is 2/3 of the GELU one (equal params), rounded to 32."""
     hidden = d_model * mult * (2 / 3 if ffn == "swiglu" else 1)
     return max(32, int(round(hidden / 32)) * 32)
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        d, eps = cfg.d_model, cfg.norm_eps
-        self.attn_norm = RMSNorm(d, eps)
-        if cfg.attention == "mla":
-            from scratchlab.models.mla import LatentAttention
-
-            self.attn = LatentAttention(d, cfg.n_heads, cfg.mla, cfg.bias, eps=eps)
-        else:
-            self.attn = CausalSelfAttention(d, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.bias,
-                                            qk_norm=cfg.qk_norm, softcap=cfg.attn_softcap, eps=eps)
-        self.ffn_norm = RMSNorm(d, eps)
-        hidden = ffn_hidden(d, cfg.ffn, cfg.ffn_mult)
-        if cfg.moe.n_routed_experts:
-            from scratchlab.models.moe import MoEFFN  # moe builds on this module's FFNs
-
-            self.ffn = MoEFFN(d, cfg.moe, cfg.bias)
-        elif cfg.ffn == "swiglu":
-            self.ffn = SwiGLU(d, hidden, cfg.bias)
-        else:
-            self.ffn = GeluFFN(d, hidden, cfg.bias, affine=cfg.ffn == "gelu_affine")
-
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
-        return x + self.ffn(self.ffn_norm(x))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlab.config import MLAConfig
-from scratchlab.models.blocks import RMSNorm, apply_rope
+from scratchlab.layers.blocks import RMSNorm, apply_rope
 
 
 class LatentCache:

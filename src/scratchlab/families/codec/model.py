@@ -7,11 +7,11 @@
                      FFN)
       -> RMSNorm -> K heads                                  logits [B, T, K, codebook_size + 3]
 
-The condition is the manifest's text and tags as UTF-8 bytes (data/codes.py), encoded by a
+The condition is the manifest's text and tags as UTF-8 bytes (families/codec/data.py), encoded by a
 small bidirectional transformer over bytes (``TextEncoder``). The unconditional case is
 the condition with no bytes (only the COND_BOS byte), which is what classifier-free
 guidance contrasts with. The pattern (which stream position holds which frame of which
-codebook) lives in patterns.py and the data layer; the model never sees it.
+codebook) lives in families/codec/patterns.py and the data layer; the model never sees it.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scratchlab.config import ModelConfig
-from scratchlab.models.blocks import Block, KVCache, RMSNorm, SwiGLU, ffn_hidden, rope_tables
-from scratchlab.models.init import init_weights
+from scratchlab.layers.blocks import KVCache, RMSNorm, SwiGLU, ffn_hidden, rope_tables
+from scratchlab.layers.decoder import Block
+from scratchlab.layers.init import init_weights
 
-from scratchlab.data.conditioning import COND_BOS, COND_VOCAB
+from scratchlab.families.codec.conditioning import COND_BOS, COND_VOCAB
 
 N_SPECIAL = 3  # BOS, PAD, EOS live above the codebook (patterns.SpecialIds)
 

@@ -30,6 +30,9 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from scratchlab.config import CodecConfig
+from scratchlab.errors import UserError
+
 IGNORE_INDEX = -100  # labels value the loss skips (torch cross_entropy's default ignore_index)
 
 PRESETS = ("parallel", "musicgen", "dia")
@@ -223,6 +226,20 @@ class DelayPattern:
             raise ValueError(f"expected [..., T, {self.n_codebooks}] codes for {self!r}, got shape {tuple(x.shape)}")
 
 
+def pattern_for(codec: CodecConfig, n_codebooks: int) -> DelayPattern:
+    """The delay pattern ``model.codec`` asks for, for ``n_codebooks`` codebooks."""
+    c = codec
+    if c.pattern == "custom":
+        if len(c.delays) != n_codebooks:
+            raise UserError(f"model.codec.delays has {len(c.delays)} entries for {n_codebooks} codebooks; give one per codebook")
+        pattern = DelayPattern(c.delays)
+    else:
+        pattern = DelayPattern.preset(c.pattern, n_codebooks)
+    if pattern.delays[0] != min(pattern.delays):
+        raise UserError(f"model.codec.delays {list(pattern.delays)}: codebook 0 must have the smallest delay (it carries EOS)")
+    return pattern
+
+
 def training_pair(
     stream: Array, special: SpecialIds, pattern: DelayPattern, n_frames: int, eos: bool
 ) -> tuple[Array, Array]:
@@ -245,4 +262,29 @@ def training_pair(
     labels = torch.where(target.to(x.device), x, torch.full_like(x, IGNORE_INDEX))
     if is_numpy:
         return input_ids.numpy(), labels.numpy()
+    return input_ids, labels
+
+
+def codes_window(
+    codes: np.ndarray, start: int, window: int, pattern: DelayPattern, special: SpecialIds
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)``, each ``[window + 1 + max_delay, K]`` int64, for the crop at ``start``.
+
+    The targets are the crop's frames (at most ``window``) and, when the crop reaches the clip's
+    end, the staggered EOS. Frames after a mid-clip crop stay in the stream as context only
+    (labels -100), so the inputs look as they will when sampling a longer piece; a shorter stream
+    (short clip, or a crop near the end) is padded with PAD (labels -100) to the fixed length.
+    """
+    length = int(codes.shape[0])
+    n_frames = min(window, length - start)
+    if n_frames < 0 or start < 0:
+        raise ValueError(f"crop start {start} outside a clip of {length} frames")
+    seq_len = window + 1 + pattern.max_delay
+    context = np.asarray(codes[start : start + window + pattern.max_delay])
+    reaches_end = start + len(context) == length
+    stream = torch.from_numpy(pattern.apply(context, special, eos=reaches_end))[:seq_len]
+    if len(stream) < seq_len:
+        tail = torch.full((seq_len - len(stream), pattern.n_codebooks), special.pad, dtype=torch.long)
+        stream = torch.cat([stream, tail])
+    input_ids, labels = training_pair(stream, special, pattern, n_frames, eos=start + n_frames == length)
     return input_ids, labels

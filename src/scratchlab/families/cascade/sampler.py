@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from scratchlab.data.signals import SYNTH_FRAME_RATE, load_signals, make_pairs
+from scratchlab.families.cascade.data import SYNTH_FRAME_RATE, load_signals, make_pairs
 from scratchlab.errors import UserError
-from scratchlab.train.device import autocast
+from scratchlab.families.base import LoadedRun, SampleRequest
+from scratchlab.runtime import autocast
 
 PLOT_FEATURES = 3  # features drawn in the PNG
 
@@ -114,31 +115,23 @@ def continue_clip(
     return result
 
 
-def sample_cascade_run(
-    run_dir: str | Path,
+def sample_frames(
+    loaded: LoadedRun,
     *,
     seconds: float | None = None,
     frames: int | None = None,
     clip: int = 0,
     prompt_frames: int | None = None,
-    seed: int | None = None,
-    checkpoint: str | None = None,
     out: str | Path | None = None,
-    device: str = "cpu",
 ) -> list[Path]:
     """Continue validation clip ``clip`` of a cascade run; returns the written paths (.npy, .png).
 
     Length: ``frames``, else ``seconds`` x the data's frame rate (the manifest's ``frame_rate``; the
     synthetic signal's nominal 25 frames/s when unknown). The prompt is ``prompt_frames`` (default
-    train.seq_len) true frames. The rollout is deterministic, so ``seed`` changes nothing.
+    train.seq_len) true frames. The rollout is deterministic (no seed).
     """
-    from scratchlab.runs.store import RunDir
-    from scratchlab.train.loop import load_run
-
-    run = RunDir.open(run_dir)
-    cfg, model = load_run(run.path, checkpoint, device)
-    if cfg.model.family != "cascade":
-        raise UserError(f"run {run.path} is a {cfg.model.family} run, not a cascade run")
+    run, cfg, model = loaded.run, loaded.cfg, loaded.model
+    device = next(model.parameters()).device
     info = json.loads((run.path / "data.json").read_text()) if (run.path / "data.json").is_file() else {}
     data = load_signals(str(info.get("path", cfg.data.path)), cfg.data.val_fraction)
     if not 0 <= clip < len(data.val):
@@ -159,3 +152,8 @@ def sample_cascade_run(
     result = continue_clip(model, series, n_prompt, n_new, horizon, cfg.train.seq_len, device, "fp32", stem,
                            title=f"{run.path.name}: {name}, {n_prompt} prompt frames")
     return [p for p in (result["npy"], result["png"]) if p is not None]
+
+
+def sample(loaded: LoadedRun, request: SampleRequest) -> list[str]:
+    """The cascade family's `scratchlab sample`: continue the first validation clip (.npy and .png)."""
+    return [f"wrote {path}" for path in sample_frames(loaded, seconds=request.seconds, out=request.out)]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratchlab.data.codes import MANIFEST, BadFile, CodesSummary, validate_codes_dir
+from scratchlab.families.codec.data import MANIFEST, BadFile, CodesSummary, validate_codes_dir
 from scratchlab.errors import UserError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".mp3")

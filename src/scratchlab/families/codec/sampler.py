@@ -1,6 +1,6 @@
 """Delay-aware, KV-cached sampling of multi-codebook codes, with classifier-free guidance.
 
-Generation runs over the delay-interleaved stream S (patterns.py): step t feeds row S[t-1]
+Generation runs over the delay-interleaved stream S (families/codec/patterns.py): step t feeds row S[t-1]
 (an all-BOS row at t=0) and predicts all K codebooks of row S[t]. Where the pattern
 dictates, tokens are forced rather than sampled, exactly as the data layer lays them out
 in training:
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from scratchlab.data.conditioning import COND_BOS, COND_PAD
-from scratchlab.sample import next_token
+from scratchlab.families.base import LoadedRun, SampleRequest
+from scratchlab.families.codec.conditioning import COND_BOS, COND_PAD
+from scratchlab.layers.sampling import next_token
 
 
 def empty_condition(n: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,8 +147,8 @@ def codebook_coverage(codes: list[torch.Tensor], codebook_size: int) -> list[flo
     return [len(u) / codebook_size for u in used]
 
 
-def sample_codec_run(
-    run_dir: str | Path,
+def sample_codes(
+    loaded: LoadedRun,
     text: str = "",
     *,
     seconds: float = 5.0,
@@ -157,7 +158,6 @@ def sample_codec_run(
     cfg_scale: float = 1.0,
     n: int = 1,
     seed: int | None = None,
-    checkpoint: str | None = None,
     out: str | Path | None = None,
     audio: bool = False,
     warn=None,
@@ -170,26 +170,22 @@ def sample_codec_run(
     ``text`` is the condition (text and tags as in the manifest; empty = unconditional).
     ``warn`` (callable) receives warnings, e.g. CFG on a model never trained unconditionally.
     """
-    from scratchlab.data.conditioning import collate_conditions, condition_ids
+    from scratchlab.families.codec.conditioning import collate_conditions, condition_ids
     from scratchlab.errors import UserError
-    from scratchlab.sample import check_sampling_options
-    from scratchlab.tasks.codec import pattern_for
-    from scratchlab.train.loop import load_run
-
+    from scratchlab.layers.sampling import check_sampling_options
+    from scratchlab.families.codec.patterns import pattern_for
     check_sampling_options(1, temperature, top_k, top_p)
     if seconds <= 0 or n < 1:
         raise UserError(f"--seconds must be > 0 and --n >= 1 (got {seconds}, {n})")
-    cfg, model = load_run(run_dir, checkpoint)
+    cfg, model, run_dir = loaded.cfg, loaded.model, loaded.path
     c = cfg.model.codec
-    if cfg.model.family != "codec_lm":
-        raise UserError(f"run {run_dir} is a {cfg.model.family} run; this sampler is for codec_lm runs")
     if cfg_scale != 1.0 and cfg.train.uncond_prob == 0 and warn is not None:
         warn(f"warning: --cfg-scale {cfg_scale} on a model trained with train.uncond_prob=0: the unconditional branch "
              "was never trained, so guidance extrapolates from noise; retrain with train.uncond_prob=0.1-0.2 or use "
              "--cfg-scale 1")
     if text and c.conditioning == "none" and warn is not None:
         warn("warning: this model is unconditioned (model.codec.conditioning=none); --text is ignored")
-    pattern = pattern_for(cfg, c.n_codebooks)
+    pattern = pattern_for(c, c.n_codebooks)
     frame_rate = c.frame_rate or 50.0
     frames = max(1, int(round(seconds * frame_rate)))
     room = cfg.model.max_seq_len - 1 - pattern.max_delay
@@ -208,7 +204,7 @@ def sample_codec_run(
     if audio:
         import json
 
-        from scratchlab.data.encode import codec_for_codes
+        from scratchlab.families.codec.encode import codec_for_codes
 
         data_path = json.loads((Path(run_dir) / "data.json").read_text()).get("path", "")
         codec = codec_for_codes(data_path)
@@ -224,3 +220,11 @@ def sample_codec_run(
             soundfile.write(wav, codec.decode(clip.cpu().numpy()), codec.info.sampling_rate)
             paths.append(wav)
     return paths
+
+
+def sample(loaded: LoadedRun, request: SampleRequest) -> list[str]:
+    """The codec family's `scratchlab sample`: ``request.n`` clips of codes (and .wav with ``audio``)."""
+    paths = sample_codes(loaded, request.prompt, seconds=request.seconds or 5.0, temperature=request.temperature,
+                         top_k=request.top_k, top_p=request.top_p, cfg_scale=request.cfg_scale, n=request.n,
+                         seed=request.seed, out=request.out, audio=request.audio, warn=request.warn)
+    return [f"wrote {path}" for path in paths]

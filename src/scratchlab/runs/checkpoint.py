@@ -121,6 +121,20 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_checkpoint(checkpoints: Path, name: str | None = None, *, purpose: str = "load") -> Path:
+    """The checkpoint a reader means: ``name`` (a folder under ``checkpoints`` or a path), else ``best``,
+    else the latest step. One rule for sample, export and load_run; a missing one is a UserError."""
+    if name is not None:
+        path: Path | None = Path(name) if Path(name).is_dir() else checkpoints / name
+    elif (checkpoints / BEST).is_dir():
+        path = checkpoints / BEST
+    else:
+        path = latest_checkpoint(checkpoints)
+    if path is None or not path.is_dir():
+        raise UserError(f"run {checkpoints.parent} has no checkpoint{' ' + name if name else ''} to {purpose}")
+    return path
+
+
 def prune_checkpoints(folder: Path, keep_last: int) -> None:
     for old in step_checkpoints(folder)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

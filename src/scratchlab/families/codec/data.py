@@ -25,16 +25,16 @@ from typing import Literal
 import numpy as np
 import torch
 
-from scratchlab.data.conditioning import (
+from scratchlab.families.codec.conditioning import (
     DEFAULT_MAX_TEXT_BYTES,
     collate_conditions,
     condition_ids,
     condition_text,
     unconditional_ids,
 )
-from scratchlab.data.windows import WindowMode, clip_window_start, codes_window
+from scratchlab.data.windows import WindowMode, clip_window_start
 from scratchlab.errors import UserError
-from scratchlab.patterns import DelayPattern, SpecialIds
+from scratchlab.families.codec.patterns import DelayPattern, SpecialIds, codes_window
 
 MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlab.config import MoEConfig
-from scratchlab.models.blocks import GeluFFN, SwiGLU
+from scratchlab.layers.blocks import GeluFFN, SwiGLU
 
 
 def _bucket(counts: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ class GroupedExperts(nn.Module):
         # Biases are stored flat ([E * width]) so the optimizer sees vectors and does not decay them.
         self.b_in = nn.Parameter(torch.zeros(n_experts * width)) if bias else None
         self.b_out = nn.Parameter(torch.zeros(n_experts * d_model)) if bias else None
-        nn.init.normal_(self.w_in, std=0.02)  # the model's init scheme (models/init.py) overwrites these
+        nn.init.normal_(self.w_in, std=0.02)  # the model's init scheme (layers/init.py) overwrites these
         nn.init.normal_(self.w_out, std=0.02)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, expert_of_row: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 from scratchlab.data.windows import get_batch
 from scratchlab.doctor.probes import output_stats
 from scratchlab.loss import token_loss
-from scratchlab.train.device import autocast
+from scratchlab.runtime import autocast
 
 
 @torch.no_grad()

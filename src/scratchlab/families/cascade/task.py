@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlab.config import Config
-from scratchlab.data.signals import (
+from scratchlab.families.cascade.data import (
     SignalData,
     get_pairs,
     horizon_of,
@@ -45,8 +45,8 @@ from scratchlab.data.signals import (
 from scratchlab.doctor.findings import Finding
 from scratchlab.errors import UserError
 from scratchlab.runs.store import RunDir
-from scratchlab.tasks.base import Batch, LossOutput, Task
-from scratchlab.train.device import autocast
+from scratchlab.families.base import Batch, LossOutput, Task
+from scratchlab.runtime import autocast
 
 GRAD_TOP = 5
 SCALAR_NUMEL = 8  # preflight judges gradient outliers among parameters with fewer values than this
@@ -84,7 +84,7 @@ class _WindowForward(nn.Module):
         self.model, self.horizon = model, horizon
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        from scratchlab.data.signals import make_pairs
+        from scratchlab.families.cascade.data import make_pairs
 
         pairs = make_pairs(frames, self.horizon)
         return self.model(pairs["inputs"], pairs["context"])
@@ -226,7 +226,7 @@ class CascadeTask(Task):
 
     def demo(self, model: nn.Module, step: int, out_dir: Path, device: torch.device, precision: str) -> str | None:
         """A rollout from the first val clip: .npy of the predicted frames and a PNG against the truth."""
-        from scratchlab.sample_cascade import continue_clip
+        from scratchlab.families.cascade.sampler import continue_clip
 
         try:
             T = self.cfg.train.seq_len

@@ -1,0 +1,1 @@
+"""Model families, one folder each (lm, codec, cascade), found through registry.py."""

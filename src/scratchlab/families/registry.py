@@ -1,0 +1,34 @@
+"""The family registry: ``model.family`` -> its FamilySpec. The only place that names the families.
+
+Adding a family is one folder under families/ with a ``SPEC`` in its ``__init__`` and one line here
+(docs/families.md).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from scratchlab.config import Config, ModelConfig
+from scratchlab.errors import UserError
+from scratchlab.families import cascade, codec, lm
+from scratchlab.families.base import FamilySpec, Task
+
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (lm.SPEC, codec.SPEC, cascade.SPEC)}
+
+
+def get_family(name: str) -> FamilySpec:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UserError(f"unknown model.family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model of ``cfg.family``, freshly initialised."""
+    return get_family(cfg.family).model(cfg)
+
+
+def build_task(cfg: Config, announce=None) -> tuple[Config, Task]:
+    """The family's task (its data loaded) and the config with data-dependent model fields filled in."""
+    task = get_family(cfg.model.family).task(cfg, announce)
+    return task.configure(cfg), task

@@ -1,0 +1,48 @@
+"""The decoder block every family stacks: pre-norm attention (MHA/GQA or MLA) and FFN (dense or MoE).
+
+The factories pick the attention and FFN from the model config; the pieces themselves live in
+blocks.py (a leaf), mla.py and moe.py, so nothing here is imported back by them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scratchlab.config import ModelConfig
+from scratchlab.layers.blocks import CausalSelfAttention, GeluFFN, KVCache, RMSNorm, SwiGLU, ffn_hidden
+from scratchlab.layers.mla import LatentAttention
+from scratchlab.layers.moe import MoEFFN
+
+
+def make_attention(cfg: ModelConfig) -> nn.Module:
+    """The attention of one block: latent attention (``model.attention=mla``) or MHA/GQA."""
+    if cfg.attention == "mla":
+        return LatentAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.bias, eps=cfg.norm_eps)
+    return CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.bias,
+                               qk_norm=cfg.qk_norm, softcap=cfg.attn_softcap, eps=cfg.norm_eps)
+
+
+def make_ffn(cfg: ModelConfig) -> nn.Module:
+    """The FFN of one block: a mixture of experts (``model.moe.n_routed_experts`` > 0) or a dense FFN."""
+    if cfg.moe.n_routed_experts:
+        return MoEFFN(cfg.d_model, cfg.moe, cfg.bias)
+    hidden = ffn_hidden(cfg.d_model, cfg.ffn, cfg.ffn_mult)
+    if cfg.ffn == "swiglu":
+        return SwiGLU(cfg.d_model, hidden, cfg.bias)
+    return GeluFFN(cfg.d_model, hidden, cfg.bias, affine=cfg.ffn == "gelu_affine")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = make_attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = make_ffn(cfg)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        return x + self.ffn(self.ffn_norm(x))
