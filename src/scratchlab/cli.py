@@ -102,8 +102,11 @@ def _cmd_data_encode(args: argparse.Namespace) -> int:
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from scratchlab.config import load_config, to_yaml
+    from scratchlab.families.registry import get_family
 
-    print(to_yaml(load_config(args.preset, args.overrides)), end="")
+    cfg = load_config(args.preset, args.overrides)
+    get_family(cfg.model.family)  # the family names live in the registry, not in config.py
+    print(to_yaml(cfg), end="")
     return 0
 
 

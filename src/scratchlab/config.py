@@ -10,12 +10,14 @@ Unknown keys fail with a did-you-mean; wrong types name the field.
 from __future__ import annotations
 
 import difflib
+import types
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from scratchlab.errors import UserError
 
@@ -143,8 +145,17 @@ class CascadeConfig(_Section):
         return self
 
 
+# model.<section> -> the one family it belongs to. A family's own settings are refused for every other
+# family (a codec setting on an lm run must never be silently ignored). The family folders name their
+# section in FamilySpec.config_section (tests/test_config.py checks the two agree); config sits below
+# the families and does not import them.
+FAMILY_SECTIONS: dict[str, str] = {"codec": "codec_lm", "cascade": "cascade"}
+
+
 class ModelConfig(_Section):
-    family: Literal["lm", "codec_lm", "cascade"] = "lm"
+    family: str = Field(
+        "lm", description="The model family (families/registry.py): lm, codec_lm, cascade, or a registered one."
+    )
     n_layers: int = Field(4, ge=1)
     d_model: int = Field(256, ge=8)
     n_heads: int = Field(4, ge=1)
@@ -168,8 +179,39 @@ class ModelConfig(_Section):
     moe: MoEConfig = MoEConfig()
     attention: Literal["mha", "mla"] = Field("mha", description="mha: MHA/GQA (n_kv_heads); mla: latent attention.")
     mla: MLAConfig = MLAConfig()
-    codec: CodecConfig = CodecConfig()
-    cascade: CascadeConfig = CascadeConfig()
+    codec: CodecConfig | None = Field(None, description="model.family=codec_lm only (filled with its defaults there).")
+    cascade: CascadeConfig | None = Field(None, description="model.family=cascade only (filled with its defaults there).")
+
+    # A validator on the raw mapping rather than a discriminated union of one ModelConfig per family:
+    # the union would need a callable discriminator for the default family, would give `cfg.model` a
+    # different class per family (and pydantic's union errors name the variant, not the field), and a
+    # new family without a section would still need a variant here. One check keeps one class, one
+    # error line, and a registry-only family (no section) needs nothing in this file.
+    @model_validator(mode="before")
+    @classmethod
+    def _family_sections(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        family = data.get("family", "lm")
+        data = dict(data)
+        for section, owner in FAMILY_SECTIONS.items():
+            given = data.get(section)
+            if family == owner:
+                if given is None:  # the family's own section: its defaults unless given
+                    data[section] = {}
+            elif given is not None:
+                if _is_legacy_default_dump(section, given):
+                    # Run records written before sections were per-family hold every section with its
+                    # defaults; such a section says nothing, and the run must still load and resume.
+                    del data[section]
+                    continue
+                raise PydanticCustomError(
+                    "family_section",
+                    "model.{section} is only valid for model.family={owner} (this config has "
+                    "model.family={family}); remove it or set model.family",
+                    {"section": section, "owner": owner, "family": family},
+                )
+        return data
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelConfig":
@@ -308,6 +350,13 @@ class Config(_Section):
         return self
 
 
+def _is_legacy_default_dump(section: str, given: Any) -> bool:
+    """True when ``given`` is exactly what ``to_yaml`` wrote for an unused section before sections
+    became per-family: every field, each at its default."""
+    model = {"codec": CodecConfig, "cascade": CascadeConfig}[section]
+    return given == model().model_dump(mode="json")
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -377,12 +426,21 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section class of a field's annotation: ``CodecConfig`` for ``CodecConfig | None`` too."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        found = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return found[0] if len(found) == 1 else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def _known_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
     for part in path:
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        section = _section_model(field.annotation) if field is not None else None
+        if section is None:
             return []
-        model = field.annotation
+        model = section
     return list(model.model_fields)
 
 
@@ -390,6 +448,8 @@ def _explain(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = tuple(str(p) for p in err["loc"])
     dotted = ".".join(loc)
+    if err["type"] == "family_section":  # names its own field and fix
+        return err["msg"]
     if err["type"] == "extra_forbidden":
         known = _known_keys(Config, loc[:-1])
         hint = difflib.get_close_matches(loc[-1], known, n=1)
@@ -417,4 +477,13 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
 
 
 def to_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, as each run's config.yaml; ``build_config`` reads it back to the same Config.
+
+    Sections of other families are None and left out: written as ``codec: null`` they would only
+    clutter the record (and a reader of an older scratchlab would take null for a bad value).
+    """
+    raw = config.model_dump(mode="json")
+    for section in FAMILY_SECTIONS:
+        if raw["model"].get(section) is None:
+            raw["model"].pop(section, None)
+    return yaml.safe_dump(raw, sort_keys=False)

@@ -6,6 +6,8 @@ Adding a family is one folder under families/ with a ``SPEC`` in its ``__init__`
 
 from __future__ import annotations
 
+import difflib
+
 from torch import nn
 
 from scratchlab.config import Config, ModelConfig
@@ -20,7 +22,9 @@ def get_family(name: str) -> FamilySpec:
     try:
         return FAMILIES[name]
     except KeyError:
-        raise UserError(f"unknown model.family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+        hint = difflib.get_close_matches(name, FAMILIES, n=1)
+        guess = f"did you mean '{hint[0]}'? " if hint else ""
+        raise UserError(f"unknown model.family {name!r}; {guess}known: {', '.join(sorted(FAMILIES))}") from None
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
