@@ -31,7 +31,6 @@ from scratchlab.doctor.monitors import MonitorConfig, check_metrics
 from scratchlab.errors import UserError
 from scratchlab.runs import RunDir, read_metrics
 
-FINDINGS_FILE = "findings.jsonl"
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
@@ -55,7 +54,7 @@ def diagnose(run_dir: str | Path) -> Diagnosis:
     rows = [row for row in read_metrics(run.metrics_file) if isinstance(row, dict)]
     cfg, config_error = _read_config(run)
     monitor_cfg = MonitorConfig.from_config(cfg) if cfg is not None else MonitorConfig()
-    findings = merge_findings(read_findings(run.path / FINDINGS_FILE), check_metrics(rows, monitor_cfg))
+    findings = merge_findings(read_findings(run.findings_file), check_metrics(rows, monitor_cfg))
     status = run.status()
     if status.get("status") == "crashed":
         findings = sort_findings([*findings, make_finding(

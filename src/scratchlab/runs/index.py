@@ -109,7 +109,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
         envs=[e for e in envs if e],
         data=_json_file(run.path / "data.json"),
         rows=[r for r in read_metrics(run.metrics_file) if isinstance(r, dict)],
-        findings=read_findings(run.path / "findings.jsonl"),
+        findings=read_findings(run.findings_file),
         notes=read_notes(run.path),
     )
 

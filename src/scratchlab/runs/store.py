@@ -101,6 +101,7 @@ class RunDir:
 
     config_file = property(lambda self: self.path / "config.yaml")
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    findings_file = property(lambda self: self.path / "findings.jsonl")  # preflight + monitor findings
     checkpoints = property(lambda self: self.path / "checkpoints")
     demos = property(lambda self: self.path / "demos")
     log_file = property(lambda self: self.path / "train.log")

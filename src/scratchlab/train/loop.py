@@ -423,7 +423,7 @@ class Trainer:
         style = {"error": "bold red", "warning": "yellow"}.get(finding.severity)
         self.reporter.info(str(finding), style=style)
         if self.dist.is_main:  # every rank sees the same rows and raises the same findings; one writes them
-            write_findings(self.run.path / "findings.jsonl", [finding])
+            write_findings(self.run.findings_file, [finding])
         if self.metrics is not None:
             self.metrics.log_finding(finding)
 
@@ -466,7 +466,7 @@ class Trainer:
         else:
             metrics = self.metrics = _NullMetrics()
         metrics.log_config(cfg.model_dump(mode="json"))
-        for finding in read_findings(run.path / "findings.jsonl") if self.step == 0 and main else []:
+        for finding in read_findings(run.findings_file) if self.step == 0 and main else []:
             metrics.log_finding(finding)  # the preflight findings written at run start
         if main:
             run.set_status("running", step=self.step)
@@ -652,7 +652,7 @@ def _train(
     if run is None:
         if main:
             run = RunDir.create(cfg.train.out_dir, cfg.train.name)
-            write_findings(run.path / "findings.jsonl", trainer.preflight_findings)
+            write_findings(run.findings_file, trainer.preflight_findings)
             run.config_file.write_text(to_yaml(cfg))
             task.write_assets(run)
             run.write_json("env.json", environment(device_text))

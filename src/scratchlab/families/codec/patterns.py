@@ -32,8 +32,8 @@ import torch
 
 from scratchlab.config import CodecConfig
 from scratchlab.errors import UserError
+from scratchlab.loss import IGNORE_INDEX  # labels the loss skips (one home: loss.py)
 
-IGNORE_INDEX = -100  # labels value the loss skips (torch cross_entropy's default ignore_index)
 
 PRESETS = ("parallel", "musicgen", "dia")
 
