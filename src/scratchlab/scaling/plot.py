@@ -1,6 +1,7 @@
 """PNG of a scaling fit: loss against tokens per model size with the fitted law, and the IsoFLOP parabolas.
 
-matplotlib is an optional dependency (``pip install 'scratchlab[plot]'``).
+matplotlib is a core dependency (the run records' plots use it too); it is imported here, lazily,
+only to keep `scratchlab` start-up fast.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def _matplotlib():
         from matplotlib import colormaps
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise UserError("plotting needs matplotlib: pip install 'scratchlab[plot]' (or pass --no-plot)") from exc
+        raise UserError(f"matplotlib, a dependency of scratchlab, does not import ({exc}); reinstall it "
+                        "(pip install -e .) or pass --no-plot") from exc
     return Figure, colormaps
 
 
