@@ -12,6 +12,7 @@ from scratchlab.config import (
     CodecConfig,
     ModelConfig,
     build_config,
+    config_record,
     load_config,
     preset_names,
     to_yaml,
@@ -116,3 +117,9 @@ def test_the_registry_names_the_same_sections():
     }
     for name, spec in FAMILIES.items():
         assert spec.name == name
+
+
+def test_the_trackers_get_the_same_record_as_config_yaml():
+    for preset in ("tiny-lm", "musicgen-tiny", "cascade-tiny"):
+        cfg = load_config(preset)
+        assert config_record(cfg) == yaml.safe_load(to_yaml(cfg))

@@ -476,8 +476,9 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     return build_config(raw)
 
 
-def to_yaml(config: Config) -> str:
-    """The config as YAML, as each run's config.yaml; ``build_config`` reads it back to the same Config.
+def config_record(config: Config) -> dict[str, Any]:
+    """The config as plain data, as runs record it (config.yaml, the trackers); ``build_config``
+    reads it back to the same Config.
 
     Sections of other families are None and left out: written as ``codec: null`` they would only
     clutter the record (and a reader of an older scratchlab would take null for a bad value).
@@ -486,4 +487,9 @@ def to_yaml(config: Config) -> str:
     for section in FAMILY_SECTIONS:
         if raw["model"].get(section) is None:
             raw["model"].pop(section, None)
-    return yaml.safe_dump(raw, sort_keys=False)
+    return raw
+
+
+def to_yaml(config: Config) -> str:
+    """The config as YAML, as each run's config.yaml (``config_record``)."""
+    return yaml.safe_dump(config_record(config), sort_keys=False)

@@ -24,6 +24,7 @@ from rich.table import Table
 from scratchlab.config import (
     Config,
     build_config,
+    config_record,
     deep_merge,
     parse_overrides,
     read_source,
@@ -465,7 +466,7 @@ class Trainer:
             metrics = self.metrics = MetricsLogger(run.metrics_file, sinks, warn=warn)
         else:
             metrics = self.metrics = _NullMetrics()
-        metrics.log_config(cfg.model_dump(mode="json"))
+        metrics.log_config(config_record(cfg))
         for finding in read_findings(run.findings_file) if self.step == 0 and main else []:
             metrics.log_finding(finding)  # the preflight findings written at run start
         if main:
