@@ -123,3 +123,11 @@ def test_the_trackers_get_the_same_record_as_config_yaml():
     for preset in ("tiny-lm", "musicgen-tiny", "cascade-tiny"):
         cfg = load_config(preset)
         assert config_record(cfg) == yaml.safe_load(to_yaml(cfg))
+
+
+def test_assigning_the_family_gives_its_section_as_a_section():
+    cfg = load_config("tiny-lm")
+    cfg.model.family = "codec_lm"
+    assert cfg.model.codec == CodecConfig()
+    with pytest.raises(ValueError, match="model.cascade is only valid for model.family=cascade"):
+        cfg.model.cascade = CascadeConfig()

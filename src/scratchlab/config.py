@@ -198,7 +198,9 @@ class ModelConfig(_Section):
             given = data.get(section)
             if family == owner:
                 if given is None:  # the family's own section: its defaults unless given
-                    data[section] = {}
+                    # An instance, not {}: on attribute assignment pydantic keeps the other fields as
+                    # this validator returns them, unvalidated.
+                    data[section] = _section_class(section)()
             elif given is not None:
                 if _is_legacy_default_dump(section, given):
                     # Run records written before sections were per-family hold every section with its
@@ -353,8 +355,11 @@ class Config(_Section):
 def _is_legacy_default_dump(section: str, given: Any) -> bool:
     """True when ``given`` is exactly what ``to_yaml`` wrote for an unused section before sections
     became per-family: every field, each at its default."""
-    model = {"codec": CodecConfig, "cascade": CascadeConfig}[section]
-    return given == model().model_dump(mode="json")
+    return given == _section_class(section)().model_dump(mode="json")
+
+
+def _section_class(section: str) -> type[_Section]:
+    return {"codec": CodecConfig, "cascade": CascadeConfig}[section]
 
 
 # ---------------------------------------------------------------- loading
