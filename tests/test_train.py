@@ -113,7 +113,8 @@ def test_nonfinite_loss_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
     def poisoned(logits, labels, reduction="mean"):
         calls["n"] += 1
         loss = real_loss(logits, labels, reduction)
-        return loss * float("nan") if calls["n"] > 5 and reduction == "mean" else loss
+        # Call 1 is preflight's gradient step (it trains with the family loss), calls 2-6 are steps 1-5.
+        return loss * float("nan") if calls["n"] > 6 and reduction == "mean" else loss
 
     monkeypatch.setattr(lm_task, "token_loss", poisoned)
     with pytest.raises(loop.TrainingDiverged, match="non-finite"):

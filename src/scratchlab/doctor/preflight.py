@@ -187,13 +187,13 @@ def _scale(logits: torch.Tensor) -> float:
     return max(float(finite.abs().max()), 1e-3) if finite.numel() else 1.0
 
 
-def _sig(x: float, digits: int = 4) -> float | str:
+def sig(x: float, digits: int = 4) -> float | str:
     """A float rounded to a few significant digits for the evidence (JSON has no NaN/Inf: those as text)."""
     x = float(x)
     return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
 
 
-def _check_failed(check: str, exc: BaseException) -> Finding:
+def check_failed(check: str, exc: BaseException) -> Finding:
     text = " ".join(str(exc).split())[:300]
     return make_finding("check_failed", f"preflight check '{check}' could not run: {type(exc).__name__}: {text}",
                         check=check, exception=type(exc).__name__, error=text)
@@ -227,6 +227,50 @@ def _checked_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return token_loss(logits, labels)
 
 
+# ---------------------------------------------------------------- the loss the checks train with
+
+
+@dataclass
+class PreflightLoss:
+    """What a preflight loss function returns: the fields of ``families.base.LossOutput`` the checks read
+    (a family's ``Task.loss`` result works as it is)."""
+
+    loss: torch.Tensor  # the figure: init_loss_high and cannot_overfit judge it
+    objective: torch.Tensor  # what is back-propagated (the loss plus auxiliary terms such as z-loss)
+    outputs: torch.Tensor  # logits [..., V] (V = their last dim) or continuous predictions
+
+
+LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], Any]  # (model, batch) -> PreflightLoss / LossOutput
+
+
+def token_cross_entropy(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> PreflightLoss:
+    """The default loss of any model: token cross-entropy of ``model(input_ids)`` over ``labels`` (-100 ignored).
+
+    The label ids are checked against V first (an out-of-range id is a device assert on CUDA). A model family
+    passes its own loss instead (scratchlab's: ``Task.loss``), so preflight trains what training trains.
+    """
+    ids, labels = _targets(batch)
+    logits = _forward(model, ids)
+    loss = _checked_loss(logits, labels)
+    return PreflightLoss(loss=loss, objective=loss, outputs=logits)
+
+
+def _head(batch: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """The first ``n`` samples of every tensor of the batch (the batch dimension is dim 0)."""
+    return {k: v[:n] if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
+
+
+def _seeded_loss(loss_fn: LossFn, model: nn.Module, batch: Mapping[str, torch.Tensor], seed: int = 0) -> Any:
+    """``loss_fn`` with the same RNG state every time (identical dropout masks), like `_seeded_forward`."""
+    device = _model_device(model, torch.device("cpu"))
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        return loss_fn(model, batch)
+
+
 # ---------------------------------------------------------------- the batch alone
 
 
@@ -258,8 +302,8 @@ def check_label_shift(batch: Mapping[str, torch.Tensor]) -> list[Finding]:
     frac, n = match[best]
     if frac < 0.5 or not (frac >= 0.99 > next_token or frac >= next_token + 0.25):
         return []
-    evidence = dict(offset=best, match_fraction=_sig(frac), next_token_match_fraction=_sig(next_token),
-                    targets_compared=n, match_by_offset={str(d): _sig(m) for d, (m, _) in match.items()})
+    evidence = dict(offset=best, match_fraction=sig(frac), next_token_match_fraction=sig(next_token),
+                    targets_compared=n, match_by_offset={str(d): sig(m) for d, (m, _) in match.items()})
     if best == 0:
         return [make_finding("labels_not_shifted", f"labels equal input_ids at {frac:.0%} of targets: the model "
                              "learns to copy; make labels the next token (labels[:, t] = tokens[t+1])", **evidence)]
@@ -288,7 +332,7 @@ def check_special_tokens(batch: Mapping[str, torch.Tensor], special_token_ids: S
     frac = total / max(int(kept.sum()), 1)
     return [make_finding("special_tokens_in_loss", f"special token id(s) {', '.join(counts)} are unmasked targets "
                          f"{total} times ({frac:.1%} of targets); set their labels to -100 in the data layer",
-                         ids=[int(i) for i in counts], counts=counts, fraction=_sig(frac), first_position=first)]
+                         ids=[int(i) for i in counts], counts=counts, fraction=sig(frac), first_position=first)]
 
 
 # ---------------------------------------------------------------- perturbation checks
@@ -326,8 +370,8 @@ def check_causal_leak(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> li
     return [make_finding("causal_leak", f"the output at position {t} changes when the input at position {j} changes "
                          f"({' and '.join(modes)} mode): the model sees the future; check the causal mask and any "
                          "softmax, norm or pooling over time",
-                         output_pos=t, input_pos=j, mode=mode, modes=modes, max_abs_diff=_sig(diff),
-                         relative_diff=_sig(diff / scale), tolerance=LEAK_RTOL, probed_input_positions=probes,
+                         output_pos=t, input_pos=j, mode=mode, modes=modes, max_abs_diff=sig(diff),
+                         relative_diff=sig(diff / scale), tolerance=LEAK_RTOL, probed_input_positions=probes,
                          samples=int(ids.shape[0]))]
 
 
@@ -354,7 +398,7 @@ def check_batch_leak(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> lis
     return [make_finding("batch_leak", f"sample 0's output (from position {t}) changes when sample 1 changes "
                          f"({' and '.join(modes)} mode): normalise over features, never over the batch",
                          changed_sample=0, perturbed_sample=1, first_position=t, mode=mode, modes=modes,
-                         max_abs_diff=_sig(diff), relative_diff=_sig(diff / scale), tolerance=LEAK_RTOL)]
+                         max_abs_diff=sig(diff), relative_diff=sig(diff / scale), tolerance=LEAK_RTOL)]
 
 
 # ---------------------------------------------------------------- one forward + backward
@@ -383,6 +427,7 @@ class StepReport:
     first_bad_logit: list[int] | None
     loss_has_grad: bool
     params: list[ParamGrad]
+    neg_inf_bad: bool = False  # -inf is a legitimate mask in logits, not in continuous predictions
 
 
 def _param_grad(name: str, p: nn.Parameter, trainable: bool) -> ParamGrad:
@@ -399,18 +444,19 @@ def _param_grad(name: str, p: nn.Parameter, trainable: bool) -> ParamGrad:
     return ParamGrad(name, p.numel(), float(p.float().norm()) if finite else math.nan, finite, state, norm)
 
 
-def gradient_step(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepReport:
-    """Loss, logit statistics and per-parameter gradient statistics of one backward in train mode."""
-    ids, labels = _targets(batch)
-    ids, labels = ids[:GRAD_SAMPLES], labels[:GRAD_SAMPLES]
+def gradient_step(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_fn: LossFn = token_cross_entropy,
+                  *, neg_inf_bad: bool = False) -> StepReport:
+    """Loss, output statistics and per-parameter gradient statistics of one backward (of the objective) in
+    train mode. ``neg_inf_bad``: -inf outputs count as non-finite (continuous predictions; in logits it is a mask)."""
     model.train()
     model.zero_grad(set_to_none=True)
-    logits = _seeded_forward(model, ids)
-    loss = _checked_loss(logits, labels)
-    if loss.requires_grad:
-        loss.backward()
+    out = _seeded_loss(loss_fn, model, _head(batch, GRAD_SAMPLES))
+    loss, objective = out.loss, out.objective
+    if objective.requires_grad:
+        objective.backward()
+    logits = out.outputs.detach().float()
     with torch.no_grad():
-        bad = logits.isnan() | (logits == math.inf)
+        bad = logits.isnan() | (logits.isinf() if neg_inf_bad else logits == math.inf)
         finite = logits[logits.isfinite()]
         trainable = {id(p) for _, p in _trainable(model)}
         params = [_param_grad(name, p, id(p) in trainable) for name, p in model.named_parameters()]
@@ -420,7 +466,7 @@ def gradient_step(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepRe
             logits_nan=int(logits.isnan().sum()), logits_posinf=int((logits == math.inf).sum()),
             logits_neginf=int((logits == -math.inf).sum()),
             first_bad_logit=bad.nonzero()[0].tolist()[:-1] if bool(bad.any()) else None,
-            loss_has_grad=loss.requires_grad, params=params)
+            loss_has_grad=objective.requires_grad, params=params, neg_inf_bad=neg_inf_bad)
     model.zero_grad(set_to_none=True)
     return report
 
@@ -429,7 +475,7 @@ def check_nonfinite(report: StepReport) -> list[Finding]:
     """nonfinite: NaN/Inf in a weight, the logits (NaN/+Inf), the loss or a gradient; first offender named."""
     bad_weights = [p.name for p in report.params if not p.weight_finite]
     bad_grads = [p.name for p in report.params if p.grad == "nonfinite"]
-    bad_logits = report.logits_nan + report.logits_posinf
+    bad_logits = report.logits_nan + report.logits_posinf + (report.logits_neginf if report.neg_inf_bad else 0)
     bad_loss = not math.isfinite(report.loss)
     if not (bad_weights or bad_grads or bad_logits or bad_loss):
         return []
@@ -444,7 +490,7 @@ def check_nonfinite(report: StepReport) -> list[Finding]:
         kind, tensor, where = "grad", bad_grads[0], f"the gradient of '{bad_grads[0]}'"
     return [make_finding("nonfinite", f"NaN/Inf before any update, first in {where}: look for a log or division "
                          "of zero, an overflow, or a bad init",
-                         tensor=tensor, kind=kind, loss=_sig(report.loss), nonfinite_weights=bad_weights[:10],
+                         tensor=tensor, kind=kind, loss=sig(report.loss), nonfinite_weights=bad_weights[:10],
                          nonfinite_grads=bad_grads[:10], nonfinite_grad_count=len(bad_grads),
                          logits_nan=report.logits_nan, logits_posinf=report.logits_posinf,
                          logits_neginf=report.logits_neginf, first_bad_logit=report.first_bad_logit)]
@@ -458,12 +504,12 @@ def check_init_loss(report: StepReport) -> list[Finding]:
         return []
     return [make_finding("init_loss_high", f"initial loss {report.loss:.2f} is far above ln(V) = {ln_v:.2f} "
                          f"(logit std {report.logit_std:.2f}): shrink the output logits at init",
-                         loss=_sig(report.loss), ln_vocab=_sig(ln_v), threshold=_sig(threshold),
-                         excess=_sig(report.loss - ln_v), logit_std=_sig(report.logit_std),
+                         loss=sig(report.loss), ln_vocab=sig(ln_v), threshold=sig(threshold),
+                         excess=sig(report.loss - ln_v), logit_std=sig(report.logit_std),
                          vocab_size=report.vocab_size)]
 
 
-def _still_dead(model: nn.Module, batch: Mapping[str, torch.Tensor], names: set[str]) -> set[str]:
+def _still_dead(model: nn.Module, batch: Mapping[str, torch.Tensor], names: set[str], loss_fn: LossFn) -> set[str]:
     """Of ``names`` (zero gradient at init), those whose gradient is still zero after one Adam step.
 
     A zero-initialised output layer or gate blocks the gradient only at step 0; one step opens it.
@@ -471,12 +517,11 @@ def _still_dead(model: nn.Module, batch: Mapping[str, torch.Tensor], names: set[
     trial = copy.deepcopy(model)
     params = [p for _, p in _trainable(trial)]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    ids, labels = _targets(batch)
-    ids, labels = ids[:GRAD_SAMPLES], labels[:GRAD_SAMPLES]
+    batch = _head(batch, GRAD_SAMPLES)
     trial.train()
     for step in range(2):  # a step, then the gradients after it
         optimizer.zero_grad(set_to_none=True)
-        _checked_loss(_seeded_forward(trial, ids), labels).backward()
+        _seeded_loss(loss_fn, trial, batch).objective.backward()
         if step == 0:
             optimizer.step()
     dead = {n for n, p in _trainable(trial) if n in names and (p.grad is None or not bool(p.grad.any()))}
@@ -484,12 +529,13 @@ def _still_dead(model: nn.Module, batch: Mapping[str, torch.Tensor], names: set[
     return dead
 
 
-def check_dead_params(model: nn.Module, batch: Mapping[str, torch.Tensor], report: StepReport) -> list[Finding]:
+def check_dead_params(model: nn.Module, batch: Mapping[str, torch.Tensor], report: StepReport,
+                      loss_fn: LossFn = token_cross_entropy) -> list[Finding]:
     """dead_params: trainable parameters the loss does not reach (no gradient, or zero even after a step)."""
     no_grad = [p.name for p in report.params if p.grad == "none"]
     zero = [p.name for p in report.params if p.grad == "zero"]
     if zero and report.loss_has_grad:
-        still = _still_dead(model, batch, set(zero))
+        still = _still_dead(model, batch, set(zero), loss_fn)
         zero = [n for n in zero if n in still]
     dead = no_grad + zero
     if not dead:
@@ -500,7 +546,7 @@ def check_dead_params(model: nn.Module, batch: Mapping[str, torch.Tensor], repor
     why = "the loss has no gradient path (a detach?)" if not report.loss_has_grad else "no gradient reaches them"
     return [make_finding("dead_params", f"{len(dead)} trainable parameter tensors ({numel:,} values, first "
                          f"'{dead[0]}') get no gradient, {why}: wire them in, remove or freeze them",
-                         names=dead[:10], count=len(dead), numel=numel, fraction=_sig(numel / max(trainable, 1)),
+                         names=dead[:10], count=len(dead), numel=numel, fraction=sig(numel / max(trainable, 1)),
                          no_grad=no_grad[:10], zero_grad=zero[:10], loss_has_grad=report.loss_has_grad)]
 
 
@@ -518,8 +564,8 @@ def check_grad_outlier(report: StepReport) -> list[Finding]:
         rms_ratio = rms[p.name] / median_rms
         rel_ratio = rel[p.name] / median_rel if p.name in rel and median_rel > 0 else 0.0  # 0: no weight scale
         if rms_ratio >= GRAD_OUTLIER_RATIO or rel_ratio >= GRAD_TO_WEIGHT_RATIO:
-            rows.append(dict(name=p.name, numel=p.numel, grad_rms=_sig(rms[p.name]), rms_ratio=_sig(rms_ratio),
-                             grad_to_weight=_sig(rel.get(p.name, 0.0)), grad_to_weight_ratio=_sig(rel_ratio)))
+            rows.append(dict(name=p.name, numel=p.numel, grad_rms=sig(rms[p.name]), rms_ratio=sig(rms_ratio),
+                             grad_to_weight=sig(rel.get(p.name, 0.0)), grad_to_weight_ratio=sig(rel_ratio)))
     if not rows:
         return []
     rows.sort(key=lambda r: -max(r["rms_ratio"], r["grad_to_weight_ratio"]))
@@ -527,18 +573,19 @@ def check_grad_outlier(report: StepReport) -> list[Finding]:
     biggest = max(top["rms_ratio"], top["grad_to_weight_ratio"])
     return [make_finding("grad_outlier", f"'{top['name']}' gets gradients {biggest:.0f}x the median parameter's: "
                          "fix that scale instead of learning it, or give it its own lower LR",
-                         top=rows[:5], count=len(rows), median_grad_rms=_sig(median_rms),
-                         median_grad_to_weight=_sig(median_rel), threshold=GRAD_OUTLIER_RATIO,
+                         top=rows[:5], count=len(rows), median_grad_rms=sig(median_rms),
+                         median_grad_to_weight=sig(median_rel), threshold=GRAD_OUTLIER_RATIO,
                          grad_to_weight_threshold=GRAD_TO_WEIGHT_RATIO)]
 
 
 # ---------------------------------------------------------------- overfit one batch
 
 
-def check_overfit(model: nn.Module, batch: Mapping[str, torch.Tensor], steps: int) -> list[Finding]:
+def check_overfit(model: nn.Module, batch: Mapping[str, torch.Tensor], steps: int,
+                  loss_fn: LossFn = token_cross_entropy) -> list[Finding]:
     """cannot_overfit: Adam on a few samples must bring the loss below half of where it started."""
-    ids, labels = _targets(batch)
-    ids, labels = ids[:OVERFIT_SAMPLES], labels[:OVERFIT_SAMPLES]
+    batch = _head(batch, OVERFIT_SAMPLES)
+    samples = int(next(v for v in batch.values() if torch.is_tensor(v) and v.ndim).shape[0])
     model.train()
     params = [p for _, p in _trainable(model)]
     optimizer = torch.optim.Adam(params, lr=OVERFIT_LR) if params else None
@@ -547,25 +594,25 @@ def check_overfit(model: nn.Module, batch: Mapping[str, torch.Tensor], steps: in
     def failed(reason: str, end: float) -> list[Finding]:
         start = losses[0] if losses else end
         return [make_finding("cannot_overfit", f"{reason}: loss {start:.3f} -> {end:.3f} in {max(len(losses), 1) - 1} "
-                             f"Adam steps on {ids.shape[0]} samples; check labels, the loss mask and the grad path",
-                             start_loss=_sig(start), end_loss=_sig(end), min_loss=_sig(min(losses, default=end)),
+                             f"Adam steps on {samples} samples; check labels, the loss mask and the grad path",
+                             start_loss=sig(start), end_loss=sig(end), min_loss=sig(min(losses, default=end)),
                              steps=max(len(losses), 1) - 1, lr=OVERFIT_LR, target_fraction=OVERFIT_TARGET,
-                             samples=int(ids.shape[0]), reason=reason)]
+                             samples=samples, reason=reason)]
 
     for step in range(steps + 1):  # steps updates, then the loss after the last one
-        loss = _checked_loss(_forward(model, ids), labels)
-        value = float(loss.detach())
+        out = loss_fn(model, batch)
+        value = float(out.loss.detach())
         if not math.isfinite(value):
             return failed(f"the loss became non-finite at step {step}", value)
         losses.append(value)
         if step and value < OVERFIT_TARGET * losses[0]:
             return []
-        if optimizer is None or not loss.requires_grad:
+        if optimizer is None or not out.objective.requires_grad:
             return failed("no gradient reaches the weights" if optimizer else "no trainable parameters", value)
         if step == steps:
             break
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out.objective.backward()
         optimizer.step()
     return failed(f"the loss did not fall below {OVERFIT_TARGET:.0%} of its start", losses[-1])
 
@@ -580,20 +627,24 @@ def _item(dataset: Any, index: int) -> dict[str, Any]:
     return dict(item)
 
 
-def check_deterministic_windows(dataset: Any) -> list[Finding]:
+def check_deterministic_windows(dataset: Any, training: bool = True) -> list[Finding]:
     """deterministic_windows: are training windows random crops?
 
     Draws each of 4 indices 3 times. With ``window_start`` and ``clip_len`` in the items: a clip of L
-    tokens holds L - T possible starts for a window of T inputs (+1 label). Flag when every draw starts at
+    tokens holds L - T possible starts for a window of T inputs (+1 label); items may say how many tokens
+    or frames of the clip a window covers with ``crop_len`` (default T + 1). Flag when every draw starts at
     the same offset (e.g. always 0: an inverted crop flag), or every index returns its same window on
     every draw, while clips are longer than a window and a random crop would look like that with
-    probability < 1e-3. Without those keys there is no telling a fixed dataset (pre-cut sequences, a
-    legitimate design) from a broken crop, so identical repeated draws are flagged only when the dataset
-    advertises ``random_crop = True``. A dataset with ``random_crop = False`` is fixed on purpose: no finding.
+    probability < 1e-3. That holds whatever the dataset declares: in the field notes the bug WAS the flag
+    (``random_crop=False`` on a training set meant "always the clip's first seconds"), so a declared-fixed
+    training crop is judged like any other, and the evidence says which part of each clip is never trained
+    on. Without those keys there is no telling a fixed dataset (pre-cut sequences, a legitimate design)
+    from a broken crop, so identical repeated draws are flagged only when the dataset advertises
+    ``random_crop = True``. An evaluation set (``training=False``) is fixed on purpose: no finding.
     """
-    advertised = getattr(dataset, "random_crop", None)
-    if advertised is False:
+    if not training:
         return []
+    advertised = getattr(dataset, "random_crop", None)
     n = len(dataset)
     if n == 0:
         return []
@@ -603,7 +654,8 @@ def check_deterministic_windows(dataset: Any) -> list[Finding]:
     T = int(torch.as_tensor(first["input_ids"]).shape[0])
     if "window_start" in first and "clip_len" in first:
         starts = {i: [int(d["window_start"]) for d in ds] for i, ds in draws.items()}
-        room = {i: int(ds[0]["clip_len"]) - T for i, ds in draws.items()}  # possible starts of a T+1 window
+        crop = {i: int(ds[0].get("crop_len", T + 1)) for i, ds in draws.items()}  # clip tokens one window covers
+        room = {i: int(ds[0]["clip_len"]) - crop[i] + 1 for i, ds in draws.items()}  # possible starts
         movable = [i for i in indices if room[i] > 1]
         if not movable:
             return []
@@ -613,18 +665,25 @@ def check_deterministic_windows(dataset: Any) -> list[Finding]:
         # or the same start per index over its repeats.
         p_constant = math.prod((1 / room[i]) ** len(starts[i]) for i in movable) * min(room[i] for i in movable)
         p_per_index = math.prod((1 / room[i]) ** (len(starts[i]) - 1) for i in movable)
-        evidence = dict(window_len=T, clip_len=clip_lens, indices=movable, starts=[starts[i] for i in movable])
+        # Each index's clip is only ever seen through its one window: the rest is never trained on.
+        unseen = [sig(1 - min(crop[i], length) / length) for i, length in zip(movable, clip_lens)]
+        evidence = dict(window_len=T, clip_len=clip_lens, indices=movable, starts=[starts[i] for i in movable],
+                        unseen_fraction=unseen, mean_unseen_fraction=sig(statistics.fmean(unseen)),
+                        declared_random_crop=advertised)
+        flag = f" although the dataset declares random_crop={advertised}" if advertised is not None else ""
+        share = f"{statistics.fmean(unseen):.0%} of each clip"
         if len(all_starts) == 1 and p_constant < WINDOW_P_VALUE:
             (s,) = all_starts
             return [make_finding("deterministic_windows", f"every draw of {len(movable)} indices starts at "
-                                 f"window_start={s} although clips hold {min(clip_lens)}+ tokens (window {T}): crops "
-                                 "are not random; draw the start at random for training",
-                                 reason="constant_start", start=s, p_random=_sig(p_constant), **evidence)]
+                                 f"window_start={s} although clips hold {min(clip_lens)}+ tokens (window {T}){flag}: "
+                                 f"crops are not random ({share} is never trained on); draw the start at random for training",
+                                 reason="constant_start", start=s, p_random=sig(p_constant), **evidence)]
         if all(len(set(starts[i])) == 1 for i in movable) and p_per_index < WINDOW_P_VALUE:
             return [make_finding("deterministic_windows", f"each dataset index returns the same window on every "
-                                 f"draw although clips hold {min(clip_lens)}+ tokens (window {T}): the rest of each "
-                                 "clip is never seen in that position; use random crops for training",
-                                 reason="same_window_per_index", p_random=_sig(p_per_index), **evidence)]
+                                 f"draw although clips hold {min(clip_lens)}+ tokens (window {T}){flag}: the rest of "
+                                 f"each clip is never seen in that position ({share} lies outside its index's window); use random "
+                                 "crops for training",
+                                 reason="same_window_per_index", p_random=sig(p_per_index), **evidence)]
         return []
     if advertised is True:
         same = [all(torch.equal(torch.as_tensor(d["input_ids"]), torch.as_tensor(ds[0]["input_ids"])) for d in ds)
@@ -679,7 +738,7 @@ def check_vocab_coverage(scan: DataScan, vocab_size: int) -> list[Finding]:
         return []
     return [make_finding("vocab_coverage_low", f"training targets cover {coverage:.0%} of the {vocab_size} ids "
                          f"(over {scan.targets:,} targets): the other embeddings and output rows stay untrained",
-                         coverage=_sig(coverage), covered=round(coverage * vocab_size), vocab_size=vocab_size,
+                         coverage=sig(coverage), covered=round(coverage * vocab_size), vocab_size=vocab_size,
                          samples_scanned=scan.samples, targets_scanned=scan.targets, dataset_len=scan.dataset_len)]
 
 
@@ -692,80 +751,165 @@ def check_data_size(scan: DataScan, n_params: int) -> list[Finding]:
         return []
     return [make_finding("data_too_small", f"{tokens:,.0f} training tokens for {n_params:,} parameters "
                          f"({ratio:.3f} tokens/param): use a smaller model or more data",
-                         tokens=int(tokens), params=n_params, tokens_per_param=_sig(ratio),
-                         dataset_len=scan.dataset_len, tokens_per_sample=_sig(per_sample),
+                         tokens=int(tokens), params=n_params, tokens_per_param=sig(ratio),
+                         dataset_len=scan.dataset_len, tokens_per_sample=sig(per_sample),
                          threshold=TOKENS_PER_PARAM_MIN)]
 
 
-# ---------------------------------------------------------------- all together
+# ---------------------------------------------------------------- all together: checks as units
+
+
+class Subject:
+    """What the checks look at: the caller's model and batch, and what is computed from them once, on first use.
+
+    ``probe`` is the fp32 deepcopy the model checks run on (they may train it); ``report`` is one
+    `gradient_step` of ``loss`` on it; ``scan`` is `scan_dataset` of ``dataset``. A part that cannot be
+    computed adds one ``check_failed`` finding (``copy_model``, ``gradients``, ``data_scan``) and the checks
+    that need it are skipped.
+    """
+
+    def __init__(self, model: nn.Module, batch: dict[str, torch.Tensor], *, loss: LossFn,
+                 special_token_ids: Sequence[int], dataset: Any, overfit_steps: int, neg_inf_bad: bool,
+                 findings: list[Finding]) -> None:
+        self.model, self.batch, self.loss = model, batch, loss
+        self.special_token_ids, self.dataset, self.overfit_steps = special_token_ids, dataset, overfit_steps
+        self.neg_inf_bad = neg_inf_bad
+        self._findings = findings
+        self._made: dict[str, Any] = {}
+
+    def _part(self, name: str, failed_as: str, make: Callable[[], Any]) -> Any:
+        if name not in self._made:
+            try:
+                self._made[name] = make()
+            except Exception as exc:  # one check_failed for the part; the checks that need it are skipped
+                self._made[name] = None
+                self._findings.append(check_failed(failed_as, exc))
+        return self._made[name]
+
+    @property
+    def probe(self) -> nn.Module | None:
+        def copy_model() -> nn.Module:
+            probe = copy.deepcopy(self.model).float()
+            for p in probe.parameters():
+                p.grad = None
+            return probe
+        return self._part("probe", "copy_model", copy_model)
+
+    @property
+    def report(self) -> StepReport | None:
+        probe = self.probe
+        if probe is None:
+            return None
+        return self._part("report", "gradients",
+                          lambda: gradient_step(probe, self.batch, self.loss, neg_inf_bad=self.neg_inf_bad))
+
+    @property
+    def scan(self) -> DataScan | None:
+        if self.dataset is None:
+            return None
+        report = self._made.get("report")  # the vocabulary size, when the gradient step ran already
+        return self._part("scan", "data_scan", lambda: scan_dataset(self.dataset, report.vocab_size if report else None))
+
+    @property
+    def finite(self) -> bool:
+        """The gradient step ran and showed no NaN/Inf: with NaN about, the other numbers mean nothing."""
+        report = self.report
+        return report is not None and not check_nonfinite(report)
+
+    def ready(self, needs: Sequence[str]) -> bool:
+        """Whether every part in ``needs`` exists (computing it now if needed), in order."""
+        for need in needs:
+            if need == "dataset" and self.dataset is None:
+                return False
+            if need in ("probe", "report", "scan") and getattr(self, need) is None:
+                return False
+            if need == "finite" and not self.finite:
+                return False
+            if need == "overfit" and self.overfit_steps <= 0:
+                return False
+        return True
+
+    def release(self) -> None:
+        """Drop the model copy (memory: one more copy of the model) once the model checks are done."""
+        self._made.pop("probe", None)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One preflight check: ``run(subject)`` returns its findings; ``name`` is what check_failed reports.
+
+    ``needs`` (in order): ``probe`` (the fp32 model copy), ``report`` (one gradient step), ``finite`` (that
+    step showed no NaN/Inf), ``overfit`` (overfit_steps > 0), ``dataset``, ``scan`` (the dataset scan). A
+    family composes its list from these units and its own (families/*/task.py ``preflight``).
+    """
+
+    name: str
+    run: Callable[[Subject], list[Finding]]
+    needs: tuple[str, ...] = ()
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for _, p in _trainable(model))
+
+
+LABEL_SHIFT = Check("labels_shift", lambda s: check_label_shift(s.batch))
+SPECIAL_TOKENS = Check("special_tokens_in_loss", lambda s: check_special_tokens(s.batch, s.special_token_ids))
+CAUSAL_LEAK = Check("causal_leak", lambda s: check_causal_leak(s.probe, s.batch), ("probe",))
+BATCH_LEAK = Check("batch_leak", lambda s: check_batch_leak(s.probe, s.batch), ("probe",))
+NONFINITE = Check("nonfinite", lambda s: check_nonfinite(s.report), ("report",))
+INIT_LOSS = Check("init_loss_high", lambda s: check_init_loss(s.report), ("report", "finite"))
+DEAD_PARAMS = Check("dead_params", lambda s: check_dead_params(s.probe, s.batch, s.report, s.loss), ("report", "finite"))
+GRAD_OUTLIER = Check("grad_outlier", lambda s: check_grad_outlier(s.report), ("report", "finite"))
+OVERFIT = Check("cannot_overfit", lambda s: check_overfit(s.probe, s.batch, s.overfit_steps, s.loss),
+                ("overfit", "probe"))  # the last model check: it trains the copy
+WINDOWS = Check("deterministic_windows", lambda s: check_deterministic_windows(s.dataset), ("dataset",))
+VOCAB_COVERAGE = Check("vocab_coverage_low", lambda s: check_vocab_coverage(s.scan, s.report.vocab_size),
+                       ("scan", "report"))
+DATA_SIZE = Check("data_too_small", lambda s: check_data_size(s.scan, _n_params(s.model)), ("scan",))
+
+MODEL_CHECKS = (CAUSAL_LEAK, BATCH_LEAK, NONFINITE, INIT_LOSS, DEAD_PARAMS, GRAD_OUTLIER, OVERFIT)
+DATA_CHECKS = (WINDOWS, VOCAB_COVERAGE, DATA_SIZE)
+PREFLIGHT_CHECKS = (LABEL_SHIFT, SPECIAL_TOKENS, *MODEL_CHECKS, *DATA_CHECKS)
 
 
 def preflight(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
     *,
+    loss: LossFn | None = None,
     special_token_ids: Sequence[int] = (),
     dataset: Any = None,
     overfit_steps: int = 0,
+    checks: Sequence[Check] = PREFLIGHT_CHECKS,
+    neg_inf_bad: bool = False,
 ) -> list[Finding]:
-    """Run every check on ``model`` (a deepcopy of it) and ``batch``; see the module docstring."""
+    """Run ``checks`` (default: every check) on ``model`` (a deepcopy of it) and ``batch``; see the module docstring.
+
+    ``loss(model, batch)`` is the loss the gradient and overfit checks train with; the default is token
+    cross-entropy of ``model(input_ids)`` over ``labels`` (`token_cross_entropy`), right for any model whose
+    forward takes the ids. A model family passes its own (its ``Task.loss``: codebook weights, z-loss, ...),
+    and every tensor of ``batch`` reaches it (cut to the first few samples).
+    """
     findings: list[Finding] = []
-
-    def run(name: str, check: Callable[..., list[Finding]], *args: Any) -> Any:
-        try:
-            findings.extend(check(*args))
-        except Exception as exc:  # a check that cannot run must not stop the others
-            findings.append(_check_failed(name, exc))
-
     first = batch["input_ids"] if isinstance(batch, Mapping) and "input_ids" in batch else None
     device = _model_device(model, first.device if torch.is_tensor(first) else torch.device("cpu"))
     with _preserved_rng(device):
         try:
-            batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items() if k in ("input_ids", "labels")}
-            batch["input_ids"] = batch["input_ids"].long()
+            batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+            for key in ("input_ids", "labels"):
+                if key in batch and not batch[key].is_floating_point():
+                    batch[key] = batch[key].long()
         except Exception as exc:
-            return [_check_failed("batch", exc)]
-        if "labels" in batch:
-            batch["labels"] = batch["labels"].long()
-        run("labels_shift", check_label_shift, batch)
-        run("special_tokens_in_loss", check_special_tokens, batch, special_token_ids)
-
-        report: StepReport | None = None
-        try:
-            probe: nn.Module | None = copy.deepcopy(model).float()
-            for p in probe.parameters():
-                p.grad = None
-        except Exception as exc:
-            probe = None
-            findings.append(_check_failed("copy_model", exc))
-        if probe is not None:
-            run("causal_leak", check_causal_leak, probe, batch)
-            run("batch_leak", check_batch_leak, probe, batch)
-            try:
-                report = gradient_step(probe, batch)
-            except Exception as exc:
-                findings.append(_check_failed("gradients", exc))
-            if report is not None:
-                before = len(findings)
-                run("nonfinite", check_nonfinite, report)
-                if len(findings) == before:  # with NaN about, the other numbers mean nothing
-                    run("init_loss_high", check_init_loss, report)
-                    run("dead_params", check_dead_params, probe, batch, report)
-                    run("grad_outlier", check_grad_outlier, report)
-            if overfit_steps > 0:
-                run("cannot_overfit", check_overfit, probe, batch, overfit_steps)  # last: it trains the copy
-            del probe
-
-        if dataset is not None:
-            run("deterministic_windows", check_deterministic_windows, dataset)
-            scan: DataScan | None = None
-            try:
-                scan = scan_dataset(dataset, report.vocab_size if report else None)
-            except Exception as exc:
-                findings.append(_check_failed("data_scan", exc))
-            if scan is not None:
-                if report is not None:
-                    run("vocab_coverage_low", check_vocab_coverage, scan, report.vocab_size)
-                n_params = sum(p.numel() for _, p in _trainable(model))
-                run("data_too_small", check_data_size, scan, n_params)
+            return [check_failed("batch", exc)]
+        subject = Subject(model, batch, loss=loss or token_cross_entropy, special_token_ids=special_token_ids,
+                          dataset=dataset, overfit_steps=overfit_steps, neg_inf_bad=neg_inf_bad, findings=findings)
+        model_done = max((i for i, c in enumerate(checks) if {"probe", "report", "finite"} & set(c.needs)), default=-1)
+        for i, check in enumerate(checks):
+            if subject.ready(check.needs):
+                try:
+                    findings.extend(check.run(subject))
+                except Exception as exc:  # a check that cannot run must not stop the others
+                    findings.append(check_failed(check.name, exc))
+            if i == model_done:
+                subject.release()
     return findings

@@ -31,6 +31,7 @@ from torch import nn
 
 from scratchlab.config import Config, ModelConfig
 from scratchlab.doctor.findings import Finding
+from scratchlab.doctor.preflight import preflight
 from scratchlab.runs.store import RunDir
 
 Batch = dict[str, torch.Tensor]
@@ -112,12 +113,17 @@ class Task(ABC):
         """Figures measured on the last demo (e.g. codebook coverage), logged as a metrics row."""
         return {}
 
+    def preflight_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        """The one loss as preflight calls it: on the doctor's fp32 copy of the model, in fp32."""
+        return self.loss(model, batch, "fp32")
+
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:
-        """The doctor's checks before step 0 that apply to this family.
+        """The doctor's checks before step 0 that apply to this family (default: every generic check, with
+        the family's loss). A family composes its own list from the doctor's units (``doctor.preflight.Check``).
 
         ``batch`` is the first training batch cut to a few samples (the trainer's PREFLIGHT_SAMPLES), on the device.
         """
-        return []
+        return preflight(model, batch, loss=self.preflight_loss, overfit_steps=self.cfg.doctor.overfit_steps)
 
 
 @dataclass

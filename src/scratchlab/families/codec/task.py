@@ -20,6 +20,14 @@ from torch import nn
 from scratchlab.config import Config
 from scratchlab.families.codec.conditioning import decode_condition
 from scratchlab.doctor.findings import Finding
+from scratchlab.doctor.preflight import (
+    LABEL_SHIFT,
+    MODEL_CHECKS,
+    SPECIAL_TOKENS,
+    Check,
+    check_deterministic_windows,
+    preflight,
+)
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, codebook_loss, token_loss
 from scratchlab.runs.store import RunDir
@@ -227,19 +235,16 @@ class CodecTask(Task):
         return self._demo_metrics
 
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:
-        """The doctor's model and batch checks on the decoder (the condition held fixed: unconditional)."""
-        from scratchlab.doctor.preflight import preflight
-
-        from scratchlab.doctor.preflight import check_deterministic_windows
-
+        """The generic batch and model checks with the family loss (codebook weights, the batch's conditions; the
+        leak checks perturb the codes with the condition left out), then the crop that training uses."""
         special = [self.cfg.model.codec.codebook_size + i for i in range(3)]
-        # BOS/PAD may never be targets; EOS is a real target (the data layer keeps it), so only BOS/PAD are checked.
-        findings = preflight(_Unconditioned(model), {"input_ids": batch["input_ids"], "labels": batch["labels"]},
-                             special_token_ids=special[:2], overfit_steps=self.cfg.doctor.overfit_steps)
         # Field note: an inverted crop flag fed every clip's first seconds. Test the crop training uses.
-        findings += check_deterministic_windows(CropProbe(self.data, self.cfg.train.seq_len, self.pattern,
-                                                          self.cfg.train.seed))
-        return findings
+        crops = CropProbe(self.data, self.cfg.train.seq_len, self.pattern, self.cfg.train.seed)
+        checks = (LABEL_SHIFT, SPECIAL_TOKENS, *MODEL_CHECKS,
+                  Check("deterministic_windows", lambda _: check_deterministic_windows(crops)))
+        # BOS/PAD may never be targets; EOS is a real target (the data layer keeps it), so only BOS/PAD are checked.
+        return preflight(model, batch, loss=self.preflight_loss, special_token_ids=special[:2],
+                         overfit_steps=self.cfg.doctor.overfit_steps, checks=checks)
 
 
 class CropProbe:
@@ -254,15 +259,5 @@ class CropProbe:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict:
-        return self.data.random_window(self.ids[index], self.window, self.pattern, self.generator)
-
-
-class _Unconditioned(nn.Module):
-    """The model as ids -> logits (what the generic checks call), with the empty condition."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.model(codes)
+        item = self.data.random_window(self.ids[index], self.window, self.pattern, self.generator)
+        return {**item, "crop_len": self.window}  # the frames a crop covers (the stream adds delays and EOS)

@@ -12,6 +12,7 @@ from scratchlab.config import Config
 from scratchlab.data.text import TextData, load_tokenizer, open_text_data, prepare_stdlib
 from scratchlab.data.windows import WindowDataset, get_batch
 from scratchlab.doctor.findings import Finding
+from scratchlab.doctor.preflight import preflight
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, token_loss, z_loss
 from scratchlab.runs.store import RunDir
@@ -138,8 +139,7 @@ class LMTask(Task):
         return text
 
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:
-        from scratchlab.doctor.preflight import preflight
-
+        """Every generic check with the family loss (z-loss included), the training windows as the dataset."""
         cfg = self.cfg
         dataset = WindowDataset(self.data.train, cfg.train.seq_len, "random", seed=cfg.train.seed)
-        return preflight(model, batch, dataset=dataset, overfit_steps=cfg.doctor.overfit_steps)
+        return preflight(model, batch, loss=self.preflight_loss, dataset=dataset, overfit_steps=cfg.doctor.overfit_steps)
