@@ -173,7 +173,8 @@ class FamilySpec:
 
     ``sample`` turns a loaded run and a request into lines to print (text, or the paths it wrote);
     ``exporters`` maps a format name (``hf``) to its Exporter;
-    ``monitors`` builds the family's extra in-training monitors from the config.
+    ``monitors`` builds the family's own monitor units (doctor.monitors.Monitor) from the config; they run
+    after the generic ones, in training and in ``scratchlab doctor`` (registry.build_monitor).
     """
 
     name: str
