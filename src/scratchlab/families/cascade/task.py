@@ -13,7 +13,7 @@ The one loss (`signal_losses`), used by training, evaluation and preflight alike
 The objective is ``recon + model.cascade.novelty_weight x novelty``; both terms are logged
 (``recon``, ``novelty``; ``val_recon``, ``val_novelty``).
 
-Eval rows also carry the monitors' measurements (doctor/monitors.py, thresholds doctor.signal):
+Eval rows also carry the monitors' measurements (families/cascade/monitors.py, thresholds doctor.signal):
 ``val_rms_ratio`` (output RMS / target RMS), ``val_output_std_ratio`` (std over time of the output /
 of the target, per window and feature), ``val_input_corr`` (correlation of the output with the last
 input frame, per window and feature, centred over time; ``val_target_input_corr`` is the same for the
@@ -155,35 +155,22 @@ class CascadeTask(Task):
 
     # -- evaluation, demos, checks
 
-    def evaluate(self, model: nn.Module, device: torch.device, precision: str) -> dict:
-        was_training = model.training
-        model.eval()
-        c = self.cfg.model.cascade
-        sums = dict(recon=0.0, novelty=0.0, copy=0.0, pred_sq=0.0, tgt_sq=0.0, pred_std=0.0, tgt_std=0.0,
-                    xy=0.0, xx=0.0, pp=0.0, tx=0.0, tt=0.0)
+    def eval_targets(self, batch: Batch) -> float:
+        return 1.0  # val_loss is the mean of the batches' reconstruction losses
+
+    def eval_sums(self, batch: Batch, out: LossOutput) -> dict:
+        pred, x, y = out.outputs.float(), batch["inputs"].float(), batch["targets"].float()
+        copy_rec, _ = signal_losses(x, batch, self.cfg.model.cascade.recon)
+        # Correlation with the last input frame, per window and feature, centred over time.
+        pc, xc, yc = (t - t.mean(dim=1, keepdim=True) for t in (pred, x, y))
+        return dict(recon=out.loss, novelty=out.logged["novelty"], copy=copy_rec, pred_sq=pred.pow(2).mean(),
+                    tgt_sq=y.pow(2).mean(), pred_std=pred.std(dim=1).mean(), tgt_std=y.std(dim=1).mean(),
+                    xy=(pc * xc).sum(), xx=xc.pow(2).sum(), pp=pc.pow(2).sum(), tx=(yc * xc).sum(),
+                    tt=yc.pow(2).sum())
+
+    def eval_metrics(self, sums: dict[str, float], model: nn.Module, device: torch.device, precision: str) -> dict:
         n = self.cfg.eval.batches
-        with torch.no_grad():
-            for i in range(n):
-                batch = {k: v.to(device) for k, v in self.val_batch(i).items()}
-                out = self.loss(model, batch, precision)
-                pred, x, y = out.outputs.float(), batch["inputs"].float(), batch["targets"].float()
-                copy_rec, _ = signal_losses(x, batch, c.recon)
-                sums["recon"] += float(out.loss)
-                sums["novelty"] += out.logged["novelty"]
-                sums["copy"] += float(copy_rec)
-                sums["pred_sq"] += float(pred.pow(2).mean())
-                sums["tgt_sq"] += float(y.pow(2).mean())
-                sums["pred_std"] += float(pred.std(dim=1).mean())
-                sums["tgt_std"] += float(y.std(dim=1).mean())
-                # Correlation with the last input frame, per window and feature, centred over time.
-                pc, xc, yc = (t - t.mean(dim=1, keepdim=True) for t in (pred, x, y))
-                sums["xy"] += float((pc * xc).sum())
-                sums["xx"] += float(xc.pow(2).sum())
-                sums["pp"] += float(pc.pow(2).sum())
-                sums["tx"] += float((yc * xc).sum())
-                sums["tt"] += float(yc.pow(2).sum())
         row = {
-            "val_loss": sums["recon"] / n,
             "val_recon": sums["recon"] / n,
             "val_novelty": sums["novelty"] / n,
             "val_copy_baseline": sums["copy"] / n,
@@ -202,7 +189,6 @@ class CascadeTask(Task):
         scalars = getattr(model, "rms_scalars", None)
         if callable(scalars):
             row.update(scalars())
-        model.train(was_training)
         return row
 
     def demo(self, model: nn.Module, step: int, out_dir: Path, device: torch.device, precision: str) -> str | None:
