@@ -8,10 +8,20 @@ The model can be any ``nn.Module`` whose ``forward(input_ids)`` takes integer id
 The leak checks (`check_causal_leak`, `check_batch_leak`) also take continuous frames: float
 ``input_ids`` [B, T, F] and outputs [B, T', F'] on the same time axis (T' <= T); a perturbed frame
 is the frame plus Gaussian noise of the batch's per-feature std.
-``batch`` is ``{"input_ids", "labels"}`` (labels -100 = ignored); ``dataset`` is an optional map-style
-Dataset of such dicts (one sample each, no batch dim). Items may carry ``window_start`` (int) and
-``clip_len`` (tokens/frames in the source clip): with them the crop check is precise (it knows how many
-windows a clip holds); without them it can only compare repeated draws.
+``batch`` is ``{"input_ids", "labels"}`` (labels -100 = ignored), plus any tensors the loss needs;
+``dataset`` is an optional map-style Dataset of such dicts (one sample each, no batch dim), the TRAINING
+set. Items may carry ``window_start`` (int), ``clip_len`` (tokens/frames in the source clip) and
+``crop_len`` (how many of them one window covers): with them the crop check is precise (it knows how
+many windows a clip holds); without them it can only compare repeated draws.
+
+The loss: ``loss=fn`` with ``fn(model, batch)`` returning ``.loss`` (the figure), ``.objective`` (what is
+back-propagated) and ``.outputs`` (logits or predictions); a scratchlab family passes its ``Task.loss``,
+so preflight trains exactly what training trains. The default, `token_cross_entropy`, is token
+cross-entropy of ``model(input_ids)`` over ``labels``. The leak checks perturb ``model(input_ids)``.
+
+Checks are units (`Check`: a name, a function of the `Subject`, what it needs); ``checks=`` picks and
+orders them (default `PREFLIGHT_CHECKS`, every one below). A family composes its list from these units
+and its own (families/*/task.py ``preflight``; the cascade's in families/cascade/checks.py).
 
 Ground rules:
 - The checks run on ONE deepcopy of the model, in fp32 (memory: one more copy of the model; two for a
@@ -52,7 +62,8 @@ Checks and thresholds (why):
   50% of the starting loss. A model that ignores its input can only reach the unigram entropy of the
   targets (~70-95% of ln V on text or random tokens); one whose gradients do not reach the weights
   does not move.
-- deterministic_windows: see `check_deterministic_windows` (no false positives on fixed datasets).
+- deterministic_windows: see `check_deterministic_windows` (judged on what a training set returns, not on
+  the crop it declares; evaluation sets and pre-cut sequences stay silent).
 - vocab_coverage_low (info): distinct target ids / V < 0.5, judged only when the scan is conclusive
   (the whole dataset, or at least 10 x V targets: a small sample of a Zipfian vocabulary under-covers).
 - data_too_small: len(dataset) x targets per sample < 0.1 x trainable parameters (compute-optimal is
