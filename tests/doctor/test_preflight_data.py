@@ -16,18 +16,13 @@ import torch
 from scratchlab.config import ModelConfig
 from scratchlab.data.windows import WindowDataset
 from scratchlab.doctor import CATALOG
-from scratchlab.doctor.preflight import (
-    DataScan,
-    check_deterministic_windows,
-    check_label_shift,
-    check_special_tokens,
-    check_vocab_coverage,
-    preflight,
-)
+from scratchlab.doctor.data_checks import DataScan, check_deterministic_windows, check_vocab_coverage
+from scratchlab.doctor.preflight import check_label_shift, check_special_tokens, preflight
 from scratchlab.families.registry import build_model
 
 V, T, B = 64, 32, 4
-PREFLIGHT = Path(__file__).resolve().parents[2] / "src" / "scratchlab" / "doctor" / "preflight.py"
+DOCTOR = Path(__file__).resolve().parents[2] / "src" / "scratchlab" / "doctor"
+PREFLIGHT = (DOCTOR / "preflight.py", DOCTOR / "data_checks.py")  # the model and batch checks, the dataset's
 
 
 def lm() -> torch.nn.Module:
@@ -301,7 +296,7 @@ def test_enough_data_is_silent():
 
 def test_preflight_codes_are_catalogued():
     emitted = set()
-    for node in ast.walk(ast.parse(PREFLIGHT.read_text())):
+    for node in (n for path in PREFLIGHT for n in ast.walk(ast.parse(path.read_text()))):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "make_finding":
             assert isinstance(node.args[0], ast.Constant), f"line {node.lineno}: a code must be a literal"
             emitted.add(node.args[0].value)

@@ -20,14 +20,8 @@ from torch import nn
 from scratchlab.config import Config
 from scratchlab.families.codec.conditioning import decode_condition
 from scratchlab.doctor.findings import Finding
-from scratchlab.doctor.preflight import (
-    LABEL_SHIFT,
-    MODEL_CHECKS,
-    SPECIAL_TOKENS,
-    Check,
-    check_deterministic_windows,
-    preflight,
-)
+from scratchlab.doctor.data_checks import check_deterministic_windows
+from scratchlab.doctor.preflight import LABEL_SHIFT, MODEL_CHECKS, SPECIAL_TOKENS, Check, preflight
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, codebook_loss
 from scratchlab.runs.store import RunDir
