@@ -97,6 +97,8 @@ from scratchlab.doctor.data_checks import (
 from scratchlab.doctor.findings import Finding, make_finding, sig
 from scratchlab.loss import IGNORE_INDEX, token_loss
 
+_sig = sig  # evidence numbers: a few significant digits (doctor.findings.sig)
+
 PERTURB_SAMPLES = 2  # samples used by the leak checks (one forward each per probe)
 GRAD_SAMPLES = 4  # samples used by the one-backward checks
 OVERFIT_SAMPLES = 4
@@ -308,8 +310,8 @@ def check_label_shift(batch: Mapping[str, torch.Tensor]) -> list[Finding]:
     frac, n = match[best]
     if frac < 0.5 or not (frac >= 0.99 > next_token or frac >= next_token + 0.25):
         return []
-    evidence = dict(offset=best, match_fraction=sig(frac), next_token_match_fraction=sig(next_token),
-                    targets_compared=n, match_by_offset={str(d): sig(m) for d, (m, _) in match.items()})
+    evidence = dict(offset=best, match_fraction=_sig(frac), next_token_match_fraction=_sig(next_token),
+                    targets_compared=n, match_by_offset={str(d): _sig(m) for d, (m, _) in match.items()})
     if best == 0:
         return [make_finding("labels_not_shifted", f"labels equal input_ids at {frac:.0%} of targets: the model "
                              "learns to copy; make labels the next token (labels[:, t] = tokens[t+1])", **evidence)]
@@ -338,7 +340,7 @@ def check_special_tokens(batch: Mapping[str, torch.Tensor], special_token_ids: S
     frac = total / max(int(kept.sum()), 1)
     return [make_finding("special_tokens_in_loss", f"special token id(s) {', '.join(counts)} are unmasked targets "
                          f"{total} times ({frac:.1%} of targets); set their labels to -100 in the data layer",
-                         ids=[int(i) for i in counts], counts=counts, fraction=sig(frac), first_position=first)]
+                         ids=[int(i) for i in counts], counts=counts, fraction=_sig(frac), first_position=first)]
 
 
 # ---------------------------------------------------------------- perturbation checks
@@ -376,8 +378,8 @@ def check_causal_leak(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> li
     return [make_finding("causal_leak", f"the output at position {t} changes when the input at position {j} changes "
                          f"({' and '.join(modes)} mode): the model sees the future; check the causal mask and any "
                          "softmax, norm or pooling over time",
-                         output_pos=t, input_pos=j, mode=mode, modes=modes, max_abs_diff=sig(diff),
-                         relative_diff=sig(diff / scale), tolerance=LEAK_RTOL, probed_input_positions=probes,
+                         output_pos=t, input_pos=j, mode=mode, modes=modes, max_abs_diff=_sig(diff),
+                         relative_diff=_sig(diff / scale), tolerance=LEAK_RTOL, probed_input_positions=probes,
                          samples=int(ids.shape[0]))]
 
 
@@ -404,7 +406,7 @@ def check_batch_leak(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> lis
     return [make_finding("batch_leak", f"sample 0's output (from position {t}) changes when sample 1 changes "
                          f"({' and '.join(modes)} mode): normalise over features, never over the batch",
                          changed_sample=0, perturbed_sample=1, first_position=t, mode=mode, modes=modes,
-                         max_abs_diff=sig(diff), relative_diff=sig(diff / scale), tolerance=LEAK_RTOL)]
+                         max_abs_diff=_sig(diff), relative_diff=_sig(diff / scale), tolerance=LEAK_RTOL)]
 
 
 # ---------------------------------------------------------------- one forward + backward
@@ -496,7 +498,7 @@ def check_nonfinite(report: StepReport) -> list[Finding]:
         kind, tensor, where = "grad", bad_grads[0], f"the gradient of '{bad_grads[0]}'"
     return [make_finding("nonfinite", f"NaN/Inf before any update, first in {where}: look for a log or division "
                          "of zero, an overflow, or a bad init",
-                         tensor=tensor, kind=kind, loss=sig(report.loss), nonfinite_weights=bad_weights[:10],
+                         tensor=tensor, kind=kind, loss=_sig(report.loss), nonfinite_weights=bad_weights[:10],
                          nonfinite_grads=bad_grads[:10], nonfinite_grad_count=len(bad_grads),
                          logits_nan=report.logits_nan, logits_posinf=report.logits_posinf,
                          logits_neginf=report.logits_neginf, first_bad_logit=report.first_bad_logit)]
@@ -510,8 +512,8 @@ def check_init_loss(report: StepReport) -> list[Finding]:
         return []
     return [make_finding("init_loss_high", f"initial loss {report.loss:.2f} is far above ln(V) = {ln_v:.2f} "
                          f"(logit std {report.logit_std:.2f}): shrink the output logits at init",
-                         loss=sig(report.loss), ln_vocab=sig(ln_v), threshold=sig(threshold),
-                         excess=sig(report.loss - ln_v), logit_std=sig(report.logit_std),
+                         loss=_sig(report.loss), ln_vocab=_sig(ln_v), threshold=_sig(threshold),
+                         excess=_sig(report.loss - ln_v), logit_std=_sig(report.logit_std),
                          vocab_size=report.vocab_size)]
 
 
@@ -552,7 +554,7 @@ def check_dead_params(model: nn.Module, batch: Mapping[str, torch.Tensor], repor
     why = "the loss has no gradient path (a detach?)" if not report.loss_has_grad else "no gradient reaches them"
     return [make_finding("dead_params", f"{len(dead)} trainable parameter tensors ({numel:,} values, first "
                          f"'{dead[0]}') get no gradient, {why}: wire them in, remove or freeze them",
-                         names=dead[:10], count=len(dead), numel=numel, fraction=sig(numel / max(trainable, 1)),
+                         names=dead[:10], count=len(dead), numel=numel, fraction=_sig(numel / max(trainable, 1)),
                          no_grad=no_grad[:10], zero_grad=zero[:10], loss_has_grad=report.loss_has_grad)]
 
 
@@ -570,8 +572,8 @@ def check_grad_outlier(report: StepReport) -> list[Finding]:
         rms_ratio = rms[p.name] / median_rms
         rel_ratio = rel[p.name] / median_rel if p.name in rel and median_rel > 0 else 0.0  # 0: no weight scale
         if rms_ratio >= GRAD_OUTLIER_RATIO or rel_ratio >= GRAD_TO_WEIGHT_RATIO:
-            rows.append(dict(name=p.name, numel=p.numel, grad_rms=sig(rms[p.name]), rms_ratio=sig(rms_ratio),
-                             grad_to_weight=sig(rel.get(p.name, 0.0)), grad_to_weight_ratio=sig(rel_ratio)))
+            rows.append(dict(name=p.name, numel=p.numel, grad_rms=_sig(rms[p.name]), rms_ratio=_sig(rms_ratio),
+                             grad_to_weight=_sig(rel.get(p.name, 0.0)), grad_to_weight_ratio=_sig(rel_ratio)))
     if not rows:
         return []
     rows.sort(key=lambda r: -max(r["rms_ratio"], r["grad_to_weight_ratio"]))
@@ -579,8 +581,8 @@ def check_grad_outlier(report: StepReport) -> list[Finding]:
     biggest = max(top["rms_ratio"], top["grad_to_weight_ratio"])
     return [make_finding("grad_outlier", f"'{top['name']}' gets gradients {biggest:.0f}x the median parameter's: "
                          "fix that scale instead of learning it, or give it its own lower LR",
-                         top=rows[:5], count=len(rows), median_grad_rms=sig(median_rms),
-                         median_grad_to_weight=sig(median_rel), threshold=GRAD_OUTLIER_RATIO,
+                         top=rows[:5], count=len(rows), median_grad_rms=_sig(median_rms),
+                         median_grad_to_weight=_sig(median_rel), threshold=GRAD_OUTLIER_RATIO,
                          grad_to_weight_threshold=GRAD_TO_WEIGHT_RATIO)]
 
 
@@ -601,7 +603,7 @@ def check_overfit(model: nn.Module, batch: Mapping[str, torch.Tensor], steps: in
         start = losses[0] if losses else end
         return [make_finding("cannot_overfit", f"{reason}: loss {start:.3f} -> {end:.3f} in {max(len(losses), 1) - 1} "
                              f"Adam steps on {samples} samples; check labels, the loss mask and the grad path",
-                             start_loss=sig(start), end_loss=sig(end), min_loss=sig(min(losses, default=end)),
+                             start_loss=_sig(start), end_loss=_sig(end), min_loss=_sig(min(losses, default=end)),
                              steps=max(len(losses), 1) - 1, lr=OVERFIT_LR, target_fraction=OVERFIT_TARGET,
                              samples=samples, reason=reason)]
 
