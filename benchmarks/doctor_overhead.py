@@ -24,9 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from scratchlab.config import load_config
-from scratchlab.doctor.monitors import MonitorConfig, RunMonitor
 from scratchlab.runs import MetricsLogger, RunDir
-from scratchlab.families.registry import build_task
+from scratchlab.families.registry import build_monitor, build_task
 from scratchlab.train.loop import Trainer, run_preflight
 from scratchlab.train.progress import Reporter
 
@@ -65,7 +64,7 @@ def main() -> None:
             run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"log_every": log_every})})
             run = RunDir.create(tmp, f"log{log_every}")
             trainer = Trainer(run_cfg, run, task, reporter)
-            trainer.monitor = RunMonitor(MonitorConfig.from_config(run_cfg))
+            trainer.monitor = build_monitor(run_cfg)
             metrics = MetricsLogger(run.metrics_file)
             step_times(trainer, metrics, 2 * args.block, args.block)  # warmup
             times = step_times(trainer, metrics, args.steps, args.block)

@@ -17,9 +17,8 @@ from conftest import quiet
 from scratchlab.config import load_config
 from scratchlab.families.cascade.data import get_pairs, load_feature_folder, make_pairs, synthetic_data, window_of
 from scratchlab.data.windows import clip_window_starts
-from scratchlab.doctor.monitors import MonitorConfig, check_metrics
 from scratchlab.errors import UserError
-from scratchlab.families.registry import build_model
+from scratchlab.families.registry import build_model, build_monitor
 from scratchlab.families.cascade.model import CascadeModel
 from scratchlab.runs.metrics import read_metrics
 from scratchlab.families.cascade.task import CascadeTask, signal_losses
@@ -250,8 +249,7 @@ def eval_row(task: CascadeTask, model: nn.Module, step: int = 1000) -> dict:
 
 
 def signal_codes(rows: list[dict], cfg) -> list[str]:
-    monitor = MonitorConfig.from_config(cfg)
-    return [f.code for f in check_metrics(rows, monitor)
+    return [f.code for f in build_monitor(cfg).replay(rows)
             if f.code in ("output_rms_off", "output_constant", "output_copies_input", "grad_explosion")]
 
 
@@ -259,7 +257,7 @@ def test_constant_output_is_flagged_with_attribution():
     task, _ = task_and_model()
     row = eval_row(task, ConstantModel(8))
     assert row["val_output_std_ratio"] == 0
-    findings = check_metrics([row], MonitorConfig.from_config(task.cfg))
+    findings = build_monitor(task.cfg).replay([row])
     constant = [f for f in findings if f.code == "output_constant"]
     assert len(constant) == 1
     assert constant[0].evidence["parameters"][0]["name"] == "frame"  # the top-5 gradient attribution
@@ -295,14 +293,14 @@ def test_grad_explosion_needs_the_cascade_or_a_threshold():
     rows.insert(3, {"step": 3, "val_loss": 1.0, "val_grad_norm": 2.0,
                     "grad_top": [{"name": "stages.1.rms_scale.log_gain", "grad_norm": 1.5}]})
     cascade = load_config("cascade-tiny")
-    found = [f for f in check_metrics(rows, MonitorConfig.from_config(cascade)) if f.code == "grad_explosion"]
+    found = [f for f in build_monitor(cascade).replay(rows) if f.code == "grad_explosion"]
     assert [f.step for f in found] == [7]
     assert found[0].evidence["parameters"][0]["name"] == "stages.1.rms_scale.log_gain"
     assert found[0].evidence["parameters_step"] == 3
     lm = load_config("tiny-lm")  # off by default for the other families (their clip monitor covers it)
-    assert not [f for f in check_metrics(rows, MonitorConfig.from_config(lm)) if f.code == "grad_explosion"]
+    assert not [f for f in build_monitor(lm).replay(rows) if f.code == "grad_explosion"]
     lm = load_config("tiny-lm", ["doctor.signal.grad_norm_max=100"])
-    assert [f.step for f in check_metrics(rows, MonitorConfig.from_config(lm)) if f.code == "grad_explosion"] == [7]
+    assert [f.step for f in build_monitor(lm).replay(rows) if f.code == "grad_explosion"] == [7]
 
 
 def test_learnable_scaling_at_high_lr_is_flagged_before_nan(tmp_path):

@@ -18,9 +18,9 @@ from scratchlab.cli import main
 from scratchlab.config import ClipConfig, OptimConfig, load_config
 from scratchlab.data.text import open_text_data
 from scratchlab.doctor import read_findings
+from scratchlab.families.registry import build_task
 from scratchlab.families.lm.model import TransformerLM
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.families.lm.evaluate import evaluate
 from scratchlab.runs.load import load_run
 from scratchlab.train import train
 from scratchlab.runs.checkpoint import latest_checkpoint, step_checkpoints
@@ -113,7 +113,8 @@ def test_nonfinite_loss_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
     def poisoned(logits, labels, reduction="mean"):
         calls["n"] += 1
         loss = real_loss(logits, labels, reduction)
-        return loss * float("nan") if calls["n"] > 5 and reduction == "mean" else loss
+        # Call 1 is preflight's gradient step (it trains with the family loss), calls 2-6 are steps 1-5.
+        return loss * float("nan") if calls["n"] > 6 and reduction == "mean" else loss
 
     monkeypatch.setattr(lm_task, "token_loss", poisoned)
     with pytest.raises(loop.TrainingDiverged, match="non-finite"):
@@ -203,11 +204,14 @@ def test_bits_per_byte_of_a_uniform_model(data_dir):
         def forward(self, ids):
             return torch.zeros(*ids.shape, data.vocab_size)
 
-    val_loss, val_bpb = evaluate(Uniform(), data.val, data.token_bytes, 32, 4, 2, torch.device("cpu"))
+    # The one eval loop with the lm family's figures: 2 fixed batches of 4 windows of 32 tokens.
+    cfg = load_config("tiny-lm", [f"data.path={data_dir}", "train.seq_len=32", "eval.batch_size=4", "eval.batches=2"])
+    _, task = build_task(cfg)
+    row = task.evaluate(Uniform(), torch.device("cpu"), "fp32")
+    val_loss, val_bpb = row["val_loss"], row["val_bpb"]
     assert val_loss == pytest.approx(math.log(data.vocab_size))
-    stats = {}
-    assert evaluate(Uniform(), data.val, data.token_bytes, 32, 4, 2, torch.device("cpu"), stats=stats) == (
-        val_loss, val_bpb)
+    assert task.evaluate(Uniform(), torch.device("cpu"), "fp32") == row  # fixed windows: the same every time
+    stats = {k: v for k, v in row.items() if k not in ("val_loss", "val_bpb")}
     assert stats == {"val_entropy": pytest.approx(math.log(data.vocab_size)), "val_logit_max": 0.0}
     # bits/byte = (targets that are text) x log2(V) / (their bytes)
     from scratchlab.data.windows import get_batch

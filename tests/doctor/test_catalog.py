@@ -12,6 +12,7 @@ from scratchlab.doctor.catalog import catalog_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCTOR = ROOT / "src" / "scratchlab" / "doctor"
+FAMILIES = ROOT / "src" / "scratchlab" / "families"
 
 
 def finding_codes(path: Path) -> set[str]:
@@ -32,8 +33,17 @@ def test_docs_match_the_catalog():
 
 
 def test_monitor_codes_are_catalogued():
+    family_units = [*FAMILIES.glob("*/monitors.py")]  # a family's own monitors (the cascade's signal checks)
+    assert family_units
     codes = finding_codes(DOCTOR / "monitors.py") | finding_codes(DOCTOR / "diagnose.py")
+    codes |= set().union(*(finding_codes(path) for path in family_units))
     assert codes == {"clip_saturated", "loss_spike", "loss_flat", "overfitting", "nonfinite", "run_crashed",
                      "update_ratio", "entropy_collapse", "logit_growth", "moe_imbalance",
                      "grad_explosion", "output_rms_off", "output_constant", "output_copies_input"}
+    assert codes <= set(CATALOG)
+
+
+def test_family_preflight_codes_are_catalogued():
+    codes = set().union(*(finding_codes(path) for path in FAMILIES.glob("*/checks.py")))
+    assert codes == {"grad_outlier"}  # the cascade's scalar-outlier check
     assert codes <= set(CATALOG)

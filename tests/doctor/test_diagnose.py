@@ -186,3 +186,17 @@ def test_not_a_run_dir_is_a_user_error(tmp_path, capsys):
     assert code == EXIT_USER_ERROR
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not a run directory" in lines[0]
     assert captured.out == ""
+
+
+def test_the_runs_family_monitors_are_replayed(tmp_path):
+    # A cascade run whose output stopped moving: the family's own monitor speaks in `scratchlab doctor`.
+    rows = train_rows(500)
+    for row in rows:
+        if "val_loss" in row:
+            row.update(val_output_std_ratio=0.01 if row["step"] >= 500 else 0.9, val_output_std=0.01)
+    run = make_run(tmp_path, rows, status={"status": "finished", "step": 500})
+    cascade = build_config({"model": {"family": "cascade"}})
+    (run / "config.yaml").write_text(to_yaml(cascade))
+    assert [(f.code, f.step) for f in diagnose(run).findings] == [("output_constant", 500)]
+    (run / "config.yaml").write_text(to_yaml(build_config({})))  # the same rows as an lm run: not its monitor
+    assert diagnose(run).findings == []

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from scratchlab.config import build_config
-from scratchlab.doctor.monitors import MonitorConfig, RunMonitor, check_metrics
+from scratchlab.doctor.monitors import Monitor, MonitorConfig, RunMonitor, check_metrics
+from scratchlab.families.registry import build_monitor
 
 REAL_RUN = Path(__file__).parent / "data" / "tiny_lm_metrics.jsonl"  # the tiny-lm preset, 400 steps, real
 
@@ -401,3 +402,50 @@ def test_moe_balanced_or_brief_or_warmup_imbalance_is_silent():
     early = with_moe(simulate(1000), lambda step: 8.0 if step <= 100 else 1.2)  # routers start unbalanced
     for rows in (balanced, brief, early):
         assert check_metrics(rows, MonitorConfig(warmup_steps=100)) == []
+
+
+# ---------------------------------------------------------------- units: a family's monitors, the runner's contract
+
+
+class Recorder(Monitor):
+    """A family unit that records what the runner shows it."""
+
+    def __init__(self) -> None:
+        self.seen, self.train_steps, self.eval_steps = [], [], []
+
+    def see(self, step, row):
+        self.seen.append(step)
+
+    def train(self, step, row):
+        self.train_steps.append(step)
+
+    def eval(self, step, row):
+        self.eval_steps.append(step)
+
+
+def test_extra_units_see_every_row_but_judge_only_finite_ones():
+    rows = simulate(60, val=healthy_val, eval_every=30)
+    rows[rows.index(train_row(rows, 40))] = nan_row(40)
+    unit = Recorder()
+    monitor = RunMonitor(MonitorConfig(warmup_steps=100), extra=[unit])
+    assert monitor.units[-1] is unit
+    assert codes(monitor.replay(rows)) == [("nonfinite", 40)]  # the runner's own gate
+    assert unit.seen == [r["step"] for r in rows]
+    assert unit.train_steps == [s for s in range(10, 61, 10) if s != 40] and unit.eval_steps == [30, 60]
+
+
+def test_family_units_come_from_the_registry():
+    lm, cascade = build_config({}), build_config({"model": {"family": "cascade"}})
+    generic = [type(u).__name__ for u in build_monitor(lm).units]
+    assert [type(u).__name__ for u in build_monitor(cascade).units] == [
+        *generic, "GradExplosion", "OutputRmsOff", "OutputConstant", "OutputCopiesInput"]
+    # grad_explosion: off for lm unless asked, 100 for the cascade unless told otherwise (0 = off).
+    assert build_monitor(lm).grad_norm_max == 0 and build_monitor(cascade).grad_norm_max == 100
+    assert build_monitor(build_config({"doctor": {"signal": {"grad_norm_max": 50}}})).grad_norm_max == 50
+    off = build_config({"model": {"family": "cascade"}, "doctor": {"signal": {"grad_norm_max": 0}}})
+    assert build_monitor(off).grad_norm_max == 0
+    # Thresholds are read from the family's own section, not copied into MonitorConfig.
+    custom = build_config({"model": {"family": "cascade"}, "doctor": {"signal": {"constant_std": 0.5}}})
+    (constant,) = [u for u in build_monitor(custom).units if type(u).__name__ == "OutputConstant"]
+    assert constant.config is custom.doctor.signal
+    assert not {"rms_ratio_low", "constant_std", "grad_norm_max"} & set(MonitorConfig.__dataclass_fields__)

@@ -23,7 +23,14 @@ from torch import nn
 
 from scratchlab.config import ModelConfig
 from scratchlab.doctor.findings import Finding
-from scratchlab.doctor.preflight import preflight
+from scratchlab.doctor.preflight import (
+    CAUSAL_LEAK,
+    LABEL_SHIFT,
+    Check,
+    PreflightLoss,
+    preflight,
+    token_cross_entropy,
+)
 from scratchlab.families.registry import build_model
 
 V, T, B = 64, 32, 4
@@ -484,3 +491,63 @@ def test_default_size_model_is_fast_and_silent():
     elapsed = time.perf_counter() - started
     assert problems(found) == []
     assert elapsed < 10, f"preflight took {elapsed:.1f} s"
+
+
+# ---------------------------------------------------------------- the caller's loss, checks as units
+
+
+class Conditioned(TinyGPT):
+    """A model with a condition: ``model(ids)`` alone (what the leak checks call) or ``model(ids, cond)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cond = nn.Embedding(3, 32)
+
+    def forward(self, ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.features(ids)
+        return self.head(x if cond is None else x + self.cond(cond)[:, None])
+
+
+def conditioned_loss(model: nn.Module, batch: dict) -> PreflightLoss:
+    logits = model(batch["input_ids"], batch["cond"])
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+    return PreflightLoss(loss=loss, objective=loss, outputs=logits)
+
+
+def test_the_gradient_checks_train_the_callers_loss():
+    batch = {**text_batch(), "cond": torch.tensor([0, 1, 2, 1])}  # every tensor of the batch reaches the loss
+    # The default loss (model(input_ids) over labels) never reaches the condition's embedding: dead.
+    dead = run(Conditioned(), batch)["dead_params"]
+    assert dead.evidence["names"] == ["cond.weight"]
+    # The family's loss does: silent, and the overfit check trains it too.
+    assert problems(run(Conditioned(), batch, loss=conditioned_loss, overfit_steps=100)) == []
+
+
+def test_the_objective_is_back_propagated_and_the_loss_is_judged():
+    def detached_objective(model, batch):
+        out = token_cross_entropy(model, batch)
+        return PreflightLoss(loss=out.loss, objective=out.loss.detach(), outputs=out.outputs)
+
+    found = run(TinyGPT(), text_batch(), loss=detached_objective, overfit_steps=5)
+    assert found["dead_params"].evidence["loss_has_grad"] is False
+    assert found["cannot_overfit"].evidence["reason"] == "no gradient reaches the weights"
+
+    def big_auxiliary_term(model, batch):  # like z-loss: in the objective, not in the figure
+        out = token_cross_entropy(model, batch)
+        return PreflightLoss(loss=out.loss, objective=out.loss + 100.0, outputs=out.outputs)
+
+    assert problems(run(TinyGPT(), text_batch(), loss=big_auxiliary_term)) == []  # init loss judges .loss
+
+
+def test_checks_are_units_run_in_the_given_order():
+    def boom(subject):
+        raise RuntimeError("no such thing")
+
+    batch = text_batch()
+    shifted_labels = {"input_ids": batch["input_ids"], "labels": batch["input_ids"].clone()}
+    found = preflight(Raises(), shifted_labels, checks=(LABEL_SHIFT, Check("mine", boom)))
+    # The model is never run or copied (no unit needs it); a unit that raises is check_failed with its name.
+    assert [f.code for f in found] == ["labels_not_shifted", "check_failed"]
+    assert found[1].evidence["check"] == "mine" and "no such thing" in found[1].message
+    only = preflight(TinyGPT(causal=False), text_batch(), checks=(CAUSAL_LEAK,))
+    assert [f.code for f in only] == ["causal_leak"]

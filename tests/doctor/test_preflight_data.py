@@ -16,17 +16,13 @@ import torch
 from scratchlab.config import ModelConfig
 from scratchlab.data.windows import WindowDataset
 from scratchlab.doctor import CATALOG
-from scratchlab.doctor.preflight import (
-    DataScan,
-    check_label_shift,
-    check_special_tokens,
-    check_vocab_coverage,
-    preflight,
-)
+from scratchlab.doctor.data_checks import DataScan, check_deterministic_windows, check_vocab_coverage
+from scratchlab.doctor.preflight import check_label_shift, check_special_tokens, preflight
 from scratchlab.families.registry import build_model
 
 V, T, B = 64, 32, 4
-PREFLIGHT = Path(__file__).resolve().parents[2] / "src" / "scratchlab" / "doctor" / "preflight.py"
+DOCTOR = Path(__file__).resolve().parents[2] / "src" / "scratchlab" / "doctor"
+PREFLIGHT = (DOCTOR / "preflight.py", DOCTOR / "data_checks.py")  # the model and batch checks, the dataset's
 
 
 def lm() -> torch.nn.Module:
@@ -199,7 +195,39 @@ def test_same_window_per_index():
 def test_fixed_datasets_that_cannot_or_do_not_crop_are_fine():
     assert window_findings(Clips("start", clip_len=T + 1)) == []  # a clip is exactly one window
     assert window_findings(Clips("start", meta=False)) == []  # pre-cut sequences: fixed by design
-    assert window_findings(Clips("start", random_crop=False)) == []  # declared fixed
+    assert window_findings(Clips("start", meta=False, random_crop=False)) == []  # declared fixed, no clip lengths
+    # An evaluation set is fixed on purpose, whatever it declares and however long its clips.
+    for crop in ("start", "per_index"):
+        assert check_deterministic_windows(Clips(crop, random_crop=False), training=False) == []
+        assert check_deterministic_windows(Clips(crop), training=False) == []
+
+
+def test_declared_fixed_training_crop_is_flagged():
+    # The field notes' bug was the flag itself: "random_crop off" always cropped a clip's first window.
+    # A training set declaring a fixed crop is judged by what it returns, not by what it declares.
+    (f,) = window_findings(Clips("start", random_crop=False))
+    assert f.severity == "warning" and f.evidence["reason"] == "constant_start"
+    assert f.evidence["declared_random_crop"] is False and "random_crop=False" in f.message
+    assert f.evidence["unseen_fraction"] == [pytest.approx(1 - (T + 1) / 200, abs=1e-3)] * 4
+    assert f.evidence["mean_unseen_fraction"] == pytest.approx(1 - (T + 1) / 200, abs=1e-3)
+    assert "84% of each clip is never trained on" in f.message
+    (f,) = window_findings(Clips("per_index", random_crop=False))
+    assert f.evidence["reason"] == "same_window_per_index" and f.evidence["declared_random_crop"] is False
+    # A crop that is random stays silent whatever it declares.
+    assert window_findings(Clips("random", random_crop=False)) == []
+    assert window_findings(Clips("random", random_crop=True)) == []
+
+
+def test_crop_len_counts_the_frames_a_window_covers():
+    # A codec-style item: the stream is longer than the frames it crops (delays), crop_len says how many.
+    class Codec(Clips):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {**item, "crop_len": 100}
+
+    (f,) = window_findings(Codec("start", clip_len=200))
+    assert f.evidence["unseen_fraction"] == [0.5] * 4
+    assert window_findings(Codec("start", clip_len=100)) == []  # one crop fills the clip: nothing to draw
 
 
 def test_random_crop_flag_that_is_ignored():
@@ -268,7 +296,7 @@ def test_enough_data_is_silent():
 
 def test_preflight_codes_are_catalogued():
     emitted = set()
-    for node in ast.walk(ast.parse(PREFLIGHT.read_text())):
+    for node in (n for path in PREFLIGHT for n in ast.walk(ast.parse(path.read_text()))):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "make_finding":
             assert isinstance(node.args[0], ast.Constant), f"line {node.lineno}: a code must be a literal"
             emitted.add(node.args[0].value)

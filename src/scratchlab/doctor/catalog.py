@@ -42,7 +42,8 @@ register("cannot_overfit", "error", "The model cannot overfit a single batch",
          "Check the label shift, the loss mask and that the optimizer holds the model's parameters.")
 register("deterministic_windows", "warning", "Training windows are not random crops",
          "The same dataset index always yields the same window although clips are longer than the window, or "
-         "windows always start at offset 0 (an inverted crop flag).",
+         "windows always start at offset 0 (an inverted crop flag). Judged on what a training set returns, not "
+         "on what it declares (random_crop=False included); evidence: unseen_fraction of each clip.",
          "Draw the window start at random for training (scratchlab: window mode 'random'); keep 'fixed' for eval.")
 register("vocab_coverage_low", "info", "Training targets cover a small part of the vocabulary",
          "Most embeddings and output rows will stay untrained: sampling at temperature 1 draws from noise.",

@@ -2,7 +2,8 @@
 
 Reads metrics.jsonl, findings.jsonl, config.yaml, status.json and demos/; never a live
 process, never a checkpoint's weights, so it works on a finished, stopped or crashed
-run alike. The run-level checks are recomputed from the metrics (`check_metrics`) and
+run alike. The run-level checks are recomputed from the metrics (the generic monitors and the
+run's family's, `families.registry.build_monitor`) and
 merged with the findings the trainer recorded (preflight, divergence): one per
 (code, step), the recorded one kept since it can carry evidence the metrics lack.
 """
@@ -27,8 +28,9 @@ from scratchlab.doctor.findings import (
     read_findings,
     sort_findings,
 )
-from scratchlab.doctor.monitors import MonitorConfig, check_metrics
+from scratchlab.doctor.monitors import RunMonitor
 from scratchlab.errors import UserError
+from scratchlab.families.registry import build_monitor
 from scratchlab.runs import RunDir, read_metrics
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -53,8 +55,8 @@ def diagnose(run_dir: str | Path) -> Diagnosis:
     run = RunDir.open(run_dir)  # UserError when the path is not a run dir
     rows = [row for row in read_metrics(run.metrics_file) if isinstance(row, dict)]
     cfg, config_error = _read_config(run)
-    monitor_cfg = MonitorConfig.from_config(cfg) if cfg is not None else MonitorConfig()
-    findings = merge_findings(read_findings(run.findings_file), check_metrics(rows, monitor_cfg))
+    monitor = build_monitor(cfg) if cfg is not None else RunMonitor()  # the generic monitors and the family's
+    findings = merge_findings(read_findings(run.findings_file), monitor.replay(rows))
     status = run.status()
     if status.get("status") == "crashed":
         findings = sort_findings([*findings, make_finding(

@@ -7,6 +7,7 @@ and fix) and documented in docs/findings.md; a code is never renamed silently.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -90,3 +91,9 @@ def read_findings(path: Path) -> list[Finding]:
         except (json.JSONDecodeError, KeyError):
             continue  # a torn last line after a crash
     return rows
+
+
+def sig(x: float, digits: int = 4) -> float | str:
+    """A float rounded to a few significant digits for the evidence (JSON has no NaN/Inf: those as text)."""
+    x = float(x)
+    return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)

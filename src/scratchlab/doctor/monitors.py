@@ -1,15 +1,20 @@
 """Run-level monitors: checks computed from metric rows (the rows of metrics.jsonl).
 
-Pure and cheap. A `RunMonitor` sees one row at a time (the trainer calls `observe` on
-every row it logs) and returns only NEW findings. A condition that persists is one
-episode, reported once when it starts; it is reported again only after it has ended.
-`check_metrics(rows)` replays a whole history (the doctor, after the fact) and returns
-exactly what the calls to `observe` returned, in order.
+Pure and cheap. Each monitor is a small unit (`Monitor`) that judges rows for its code and keeps its
+own state; a `RunMonitor` runs the generic units, then a family's (``FamilySpec.monitors``: the
+cascade's output_rms_off, output_constant, output_copies_input live in families/cascade/monitors.py),
+on one row at a time (the trainer calls `observe` on every row it logs) and returns only NEW findings.
+A condition that persists is one episode, reported once when it starts; it is reported again only
+after it has ended. `RunMonitor.replay(rows)` (or `check_metrics`) replays a whole history (the
+doctor, after the fact) and returns exactly what the calls to `observe` returned, in order.
+`families.registry.build_monitor(cfg)` builds a run's monitor: the generic units with the thresholds
+of `MonitorConfig.from_config`, plus its family's units.
 
-Codes: clip_saturated, loss_spike, loss_flat, overfitting, nonfinite, update_ratio, moe_imbalance (train rows),
-entropy_collapse, logit_growth (eval rows), grad_explosion (both), output_rms_off, output_constant,
-output_copies_input (eval rows of continuous-output models) (docs/findings.md). The last three read optional keys
-(update_ratio, val_entropy, val_logit_max, val_attn_logit_max): rows without them, as in older runs, are skipped.
+Generic codes: clip_saturated, loss_spike, loss_flat, overfitting, nonfinite, update_ratio, moe_imbalance
+(train rows), entropy_collapse, logit_growth (eval rows), grad_explosion (both; on when
+doctor.signal.grad_norm_max is set or the family adds it) (docs/findings.md). Units read optional keys
+(update_ratio, val_entropy, val_logit_max, val_attn_logit_max, ...): rows without them, as in older runs,
+are skipped.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import scratchlab.doctor.catalog  # noqa: F401  (registers the codes)
@@ -36,7 +41,8 @@ MAD_TO_STD = 1.4826  # median absolute deviation -> standard deviation, for norm
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """Thresholds of the monitors. Windows count logged rows unless the name says steps."""
+    """Thresholds of the generic monitors (a family's units read their own config section, e.g. the cascade's
+    ``doctor.signal``). Windows count logged rows unless the name says steps."""
 
     # Steps at the start where clipping, fast loss changes and noisy evals are normal (the LR and
     # clip-threshold warmups). Clip saturation, flatness and overfitting are judged only after it.
@@ -102,38 +108,22 @@ class MonitorConfig:
     logit_growth_evals: int = 3
     logit_growth_factor: float = 2.0
     logit_level: float = 30.0
-    # Continuous outputs (eval rows of the cascade family; config doctor.signal; docs/cascade.md):
-    # output_rms_off: val_rms_ratio (output RMS / target RMS) outside [rms_ratio_low, rms_ratio_high];
-    # output_constant: val_output_std_ratio (output std over time / target's) below constant_std;
-    # output_copies_input: after the warmup, val_input_corr above copy_corr while val_novelty (1 - mean
-    # cosine of the predicted and the true change from the last input frame) is above copy_novelty.
-    # A smooth signal's next frame correlates with the current one (the synthetic signal: ~0.9), so the
-    # correlation alone cannot tell copying from predicting: the change must be missed too.
-    rms_ratio_low: float = 0.8
-    rms_ratio_high: float = 1.2
-    constant_std: float = 0.1
-    copy_corr: float = 0.3
-    copy_novelty: float = 0.9
-    # grad_explosion: grad_norm (train rows, pre-clip) or val_grad_norm (eval rows) above grad_norm_max;
-    # 0 = off (the default here; from_config turns it on at 100 for the cascade family). The evidence
-    # names the top parameters by gradient norm from the row's grad_top, else the latest one seen.
-    grad_norm_max: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides: Any) -> MonitorConfig:
         """Defaults, with the warmup taken from a run's config (LR and clip-threshold warmups)."""
-        warmup = max(cfg.optim.warmup_steps, cfg.train.clip.warmup_steps)
-        s = cfg.doctor.signal
-        grad_max = s.grad_norm_max if s.grad_norm_max is not None else (100.0 if cfg.model.family == "cascade" else 0.0)
-        signal = dict(rms_ratio_low=s.rms_ratio_low, rms_ratio_high=s.rms_ratio_high, constant_std=s.constant_std,
-                      copy_corr=s.copy_corr, copy_novelty=s.copy_novelty, grad_norm_max=grad_max)
-        return cls(**{"warmup_steps": warmup, **signal, **overrides})
+        return cls(**{"warmup_steps": run_warmup(cfg), **overrides})
+
+
+def run_warmup(cfg: Config) -> int:
+    """The steps at the start of a run where clipping and fast changes are normal: the longer of the warmups."""
+    return max(cfg.optim.warmup_steps, cfg.train.clip.warmup_steps)
 
 
 # ---------------------------------------------------------------- small helpers
 
 
-def _num(row: Row, key: str) -> float | None:
+def num(row: Row, key: str) -> float | None:
     """A metric as a float; non-finite values arrive as the strings "nan" / "inf"."""
     value = row.get(key)
     if value is None or isinstance(value, bool):
@@ -144,7 +134,7 @@ def _num(row: Row, key: str) -> float | None:
         return None
 
 
-def _ev(value: float) -> float | str:
+def ev(value: float) -> float | str:
     """A number for evidence: 6 significant digits, non-finite as a string (valid JSON)."""
     return float(f"{value:.6g}") if math.isfinite(value) else str(value)
 
@@ -179,7 +169,7 @@ def spike_z(value: float, reference: list[float], level_rows: int) -> tuple[floa
 
 
 @dataclass
-class _Episode:
+class Episode:
     """A persistent condition: report when it starts, stay quiet while it lasts."""
 
     active: bool = False
@@ -192,390 +182,10 @@ class _Episode:
 
 
 @dataclass
-class _Eval:
-    step: int
-    val_loss: float
-    train_loss: float | None  # median of the latest train rows when the eval ran
-
-
-@dataclass
 class _Point:
     step: int
     loss: float
     grad_norm: float | None
-
-
-# ---------------------------------------------------------------- the monitor
-
-
-@dataclass
-class RunMonitor:
-    config: MonitorConfig = field(default_factory=MonitorConfig)
-
-    def __post_init__(self) -> None:
-        c = self.config
-        self._recent: deque[_Point] = deque()  # finite train rows of the last clip_window_steps steps
-        self._losses: deque[float] = deque(maxlen=c.spike_window_rows)  # finite train losses, the spike reference
-        self._flat: deque[_Point] = deque()  # finite train rows of the last flat_window_steps steps
-        self._evals: list[_Eval] = []  # finite evals
-        self._ratio_streak = 0  # consecutive rows past the warmup with the update ratio out of range (+ high, - low)
-        self._peak_lr = 0.0  # the highest lr of the train rows so far
-        self._logit_max = {key: deque(maxlen=c.logit_growth_evals) for key in LOGIT_KEYS}  # key -> (step, value)
-        self._episodes: dict[str, _Episode] = {}
-        self._moe_streak = 0  # consecutive logged rows with an overloaded expert
-        self._grad_top: tuple[int, list] | None = None  # (step, top parameters by grad norm) last seen in a row
-
-    def observe(self, row: Row) -> list[Finding]:
-        """Findings that start at this row (train or eval row of metrics.jsonl)."""
-        step = row.get("step")
-        if not isinstance(step, (int, float)) or isinstance(step, bool):
-            return []
-        step = int(step)
-        if isinstance(row.get("grad_top"), list):  # attribution for the grad/signal findings
-            self._grad_top = (step, row["grad_top"][:5])
-        if "val_loss" in row:
-            found = self._observe_eval(step, row)
-        elif "loss" in row:
-            found = self._observe_train(step, row)
-        else:
-            return []
-        return [f for f in found if f is not None]
-
-    def _episode(self, name: str) -> _Episode:
-        return self._episodes.setdefault(name, _Episode())
-
-    # -- train rows
-
-    def _observe_train(self, step: int, row: Row) -> list[Finding | None]:
-        loss, grad_norm = _num(row, "loss"), _num(row, "grad_norm")
-        bad = row.get("nonfinite") is True or any(v is not None and not math.isfinite(v) for v in (loss, grad_norm))
-        if self._episode("nonfinite_train").update(bad):
-            return [self._nonfinite_train(step, loss, grad_norm)]
-        if bad or loss is None:
-            return []  # a skipped step: its numbers must not enter the windows
-        spike = self._check_spike(step, loss)
-        self._losses.append(loss)
-        point = _Point(step, loss, grad_norm)
-        _push(self._recent, point, self.config.clip_window_steps)
-        _push(self._flat, point, self.config.flat_window_steps)
-        return [spike, self._check_clip(step, row), self._check_train_flat(step, row),
-                self._check_update_ratio(step, row), self._check_moe(step, row),
-                self._check_grad_norm(step, row, "grad_norm"), self._check_scale_factor(step, row)]
-
-    def _nonfinite_train(self, step: int, loss: float | None, grad_norm: float | None) -> Finding:
-        values = {k: _ev(v) for k, v in (("loss", loss), ("grad_norm", grad_norm)) if v is not None}
-        shown = ", ".join(f"{k} {v}" for k, v in values.items())
-        return make_finding("nonfinite", f"non-finite training step at step {step} ({shown}); the step was skipped",
-                            step=step, **values)
-
-    def _check_spike(self, step: int, loss: float) -> Finding | None:
-        c = self.config
-        reference = list(self._losses)
-        if len(reference) < c.spike_min_rows:
-            self._episode("loss_spike").update(False)
-            return None
-        z, level, noise = spike_z(loss, reference, c.spike_level_rows)
-        if not self._episode("loss_spike").update(z > c.spike_z and loss > level + c.spike_min_jump):
-            return None
-        return make_finding(
-            "loss_spike",
-            f"train loss {loss:.4f} at step {step} is {loss - level:.3f} nats above the median {level:.4f} "
-            f"of the previous {c.spike_level_rows} rows ({z:.1f} x the row-to-row noise {noise:.3g})",
-            step=step, loss=_ev(loss), median=_ev(level), noise=_ev(noise), z=_ev(z), window_rows=len(reference),
-        )
-
-    def _check_clip(self, step: int, row: Row) -> Finding | None:
-        c = self.config
-        ratio, threshold = _num(row, "clip_ratio"), _num(row, "clip_threshold")
-        if ratio is None or threshold is None:  # clipping off, or an older row
-            self._episode("clip_saturated").update(False)
-            return None
-        window_after_warmup = step - c.clip_window_steps >= c.warmup_steps
-        enter = window_after_warmup and ratio >= c.clip_ratio
-        if not self._episode("clip_saturated").update(enter, stay=ratio >= c.clip_ratio / 2):
-            return None
-        norms = [p.grad_norm for p in self._recent if p.grad_norm is not None]
-        median_norm = statistics.median(norms) if norms else math.nan
-        # Pre-clip norms: a threshold at their p90 clips about one step in ten.
-        suggested = quantile(norms, 0.9) if norms else math.nan
-        lr = _num(row, "lr")
-        times = median_norm / threshold if threshold > 0 else math.inf
-        if times >= c.clip_lr_factor:
-            advice = (f"norms {times:.0f}x the threshold: the learning rate{_lr_text(lr)} is likely too high; "
-                      "lower optim.lr before raising the clip")
-        else:
-            advice = (f"lower optim.lr{_lr_text(lr)} or raise train.clip.max_norm towards {suggested:.3g} "
-                      "(p90 of the pre-clip norms)")
-        return make_finding(
-            "clip_saturated",
-            f"gradient clipping fired on {ratio:.0%} of the last {c.clip_window_steps} steps at step {step} "
-            f"(median pre-clip grad norm {median_norm:.3g}, threshold {threshold:.3g}): {advice}",
-            step=step, clip_ratio=_ev(ratio), median_grad_norm=_ev(median_norm), clip_threshold=_ev(threshold),
-            suggested_threshold=_ev(suggested), lr=None if lr is None else _ev(lr), window_steps=c.clip_window_steps,
-        )
-
-    def _check_train_flat(self, step: int, row: Row) -> Finding | None:
-        c = self.config
-        if step - c.flat_window_steps < c.warmup_steps or len(self._flat) < c.flat_min_rows:
-            return None
-        window = [p.loss for p in self._flat]
-        k = len(window) // 5
-        first, last = statistics.median(window[:k]), statistics.median(window[-k:])
-        change = abs(last - first) / max(abs(first), 1e-12)
-        episode = self._episode("loss_flat_train")
-        if not episode.update(change < c.flat_rel_change, stay=change < 2 * c.flat_rel_change):
-            return None
-        lr = _num(row, "lr")
-        return make_finding(
-            "loss_flat",
-            f"train loss moved {change:.2%} over the last {c.flat_window_steps} steps "
-            f"({first:.4f} -> {last:.4f}) at step {step}, lr{_lr_text(lr)}",
-            step=step, which="train", rel_change=_ev(change), first_median=_ev(first), last_median=_ev(last),
-            window_steps=c.flat_window_steps, lr=None if lr is None else _ev(lr),
-        )
-
-    def _check_update_ratio(self, step: int, row: Row) -> Finding | None:
-        c = self.config
-        ratio, lr = _num(row, "update_ratio"), _num(row, "lr")
-        if lr is not None and math.isfinite(lr):
-            self._peak_lr = max(self._peak_lr, lr)
-        if ratio is None or not math.isfinite(ratio):
-            return None  # not measured on this row (older run, skipped step): the streak is unchanged
-        lr_high = lr is not None and lr > 0 and lr >= c.update_ratio_lr_frac * self._peak_lr
-        side = 0
-        if step > c.warmup_steps:
-            if ratio > c.update_ratio_high:
-                side = 1
-            elif ratio < c.update_ratio_low and lr_high:
-                side = -1
-        # A streak counts rows on one side; crossing from high to low starts a new one.
-        if side == 0:
-            self._ratio_streak = 0
-        elif self._ratio_streak * side > 0:
-            self._ratio_streak += side
-        else:
-            self._ratio_streak = side
-        enter = abs(self._ratio_streak) >= c.update_ratio_rows
-        if not self._episode("update_ratio").update(enter, stay=side != 0):
-            return None
-        high = side > 0
-        bound = c.update_ratio_high if high else c.update_ratio_low
-        vectors = _num(row, "update_ratio_vectors")
-        advice = ("the weights move too fast: lower optim.lr" if high
-                  else "the weights barely move: raise optim.lr (or check that the optimizer sees these parameters)")
-        return make_finding(
-            "update_ratio",
-            f"update/weight ratio of the weight matrices {ratio:.3g} at step {step}, "
-            f"{'above' if high else 'below'} {bound:.0e} for {c.update_ratio_rows} logged rows in a row "
-            f"(rule of thumb ~1e-3), lr{_lr_text(lr)}: {advice}",
-            step=step, update_ratio=_ev(ratio), lr=None if lr is None else _ev(lr),
-            update_ratio_vectors=None if vectors is None else _ev(vectors), direction="high" if high else "low",
-            bound=bound, rows=c.update_ratio_rows,
-        )
-
-    def _check_moe(self, step: int, row: Row) -> Finding | None:
-        c = self.config
-        ratio = _num(row, "moe_max_load_ratio")
-        if ratio is None or not math.isfinite(ratio):
-            return None  # a dense model, or not measured on this row
-        over = step > c.warmup_steps and ratio > c.moe_load_ratio
-        self._moe_streak = self._moe_streak + 1 if over else 0
-        if not self._episode("moe_imbalance").update(self._moe_streak >= c.moe_rows, stay=over):
-            return None
-        layer = row.get("moe_worst_layer")
-        return make_finding(
-            "moe_imbalance",
-            f"the busiest expert (layer {layer}) gets {ratio:.1f}x its fair share of tokens at step {step}, above "
-            f"{c.moe_load_ratio:g}x for {c.moe_rows} logged rows: raise the load-balance loss coefficient or use "
-            "bias-based balancing",
-            step=step, max_load_ratio=_ev(ratio), layer=layer, bound=c.moe_load_ratio, rows=c.moe_rows,
-        )
-
-    # -- eval rows
-
-    def _observe_eval(self, step: int, row: Row) -> list[Finding | None]:
-        val_loss, val_bpb = _num(row, "val_loss"), _num(row, "val_bpb")
-        bad = any(v is not None and not math.isfinite(v) for v in (val_loss, val_bpb))
-        if self._episode("nonfinite_eval").update(bad):
-            values = {k: _ev(v) for k, v in (("val_loss", val_loss), ("val_bpb", val_bpb)) if v is not None}
-            shown = ", ".join(f"{k} {v}" for k, v in values.items())
-            return [make_finding("nonfinite", f"non-finite validation loss at step {step} ({shown})",
-                                 step=step, **values)]
-        if bad or val_loss is None:
-            return []
-        recent = list(self._losses)[-10:]
-        self._evals.append(_Eval(step, val_loss, statistics.median(recent) if recent else None))
-        return [self._check_val_flat(step), self._check_overfitting(step),
-                self._check_entropy(step, val_loss, row),
-                *(self._check_logit_growth(step, row, key) for key in LOGIT_KEYS),
-                self._check_grad_norm(step, row, "val_grad_norm"), *self._check_signal(step, row)]
-
-    def _check_val_flat(self, step: int) -> Finding | None:
-        c = self.config
-        last = [e for e in self._evals[-c.flat_val_evals:] if e.step > c.warmup_steps]
-        if len(last) < c.flat_val_evals:
-            return None
-        values = [e.val_loss for e in last]
-        change = (max(values) - min(values)) / max(abs(values[0]), 1e-12)
-        tol = c.flat_val_rel_change
-        if not self._episode("loss_flat_val").update(change < tol, stay=change < 2 * tol):
-            return None
-        return make_finding(
-            "loss_flat",
-            f"val loss stayed within {change:.2%} over the last {len(last)} evals "
-            f"(steps {last[0].step}-{last[-1].step}, {values[0]:.4f} -> {values[-1]:.4f})",
-            step=step, which="val", rel_change=_ev(change), first_step=last[0].step,
-            val_losses=[_ev(v) for v in values],
-        )
-
-    def _check_overfitting(self, step: int) -> Finding | None:
-        c = self.config
-        evals, k = self._evals, c.overfit_evals
-        best_i = min(range(len(evals)), key=lambda i: evals[i].val_loss)
-        best, last, now = evals[best_i], evals[-k:], evals[-1]
-        enter = (
-            best_i < len(evals) - k  # the best is older than the last k evals
-            and all(e.val_loss > best.val_loss + c.overfit_margin for e in last)
-            and now.val_loss >= last[0].val_loss  # still rising, not recovering
-            and best.train_loss is not None
-            and now.train_loss is not None
-            and now.train_loss < best.train_loss - c.overfit_margin
-        )
-        # The episode lasts until a new best val loss.
-        if not self._episode("overfitting").update(enter, stay=best_i < len(evals) - 1):
-            return None
-        return make_finding(
-            "overfitting",
-            f"val loss {now.val_loss:.4f} at step {step} is above its best {best.val_loss:.4f} (step {best.step}) "
-            f"for {k} evals while the train loss fell {best.train_loss:.4f} -> {now.train_loss:.4f}; "
-            f"checkpoints/best holds the step-{best.step} weights",
-            step=step, best_val_step=best.step, best_val_loss=_ev(best.val_loss), val_loss=_ev(now.val_loss),
-            train_loss_at_best=_ev(best.train_loss), train_loss=_ev(now.train_loss), evals_above_best=k,
-        )
-
-    def _check_entropy(self, step: int, val_loss: float, row: Row) -> Finding | None:
-        c = self.config
-        entropy = _num(row, "val_entropy")
-        if entropy is None or not math.isfinite(entropy):
-            return None
-        low = entropy < c.entropy_floor and entropy < c.entropy_loss_frac * val_loss
-        if not self._episode("entropy_collapse").update(low):
-            return None
-        return make_finding(
-            "entropy_collapse",
-            f"mean output entropy {entropy:.3g} nats at step {step} while the val loss is {val_loss:.4f}: the model "
-            f"is near-certain of its next token and mostly wrong (expect repetitive samples)",
-            step=step, val_entropy=_ev(entropy), val_loss=_ev(val_loss), entropy_floor=c.entropy_floor,
-        )
-
-    def _check_logit_growth(self, step: int, row: Row, key: str) -> Finding | None:
-        c = self.config
-        value = _num(row, key)
-        if value is None or not math.isfinite(value) or step <= c.warmup_steps:
-            return None
-        history = self._logit_max[key]
-        history.append((step, value))
-        window = [v for _, v in history]
-        rising = all(b > a for a, b in zip(window, window[1:]))
-        enter = (len(window) == c.logit_growth_evals and rising and value > c.logit_level
-                 and value >= c.logit_growth_factor * window[0])
-        if not self._episode(f"logit_growth:{key}").update(enter, stay=value > c.logit_level):
-            return None
-        first_step, which = history[0][0], LOGIT_KEYS[key]
-        return make_finding(
-            "logit_growth",
-            f"max |{which} logit| at eval grew {value / window[0]:.1f}x over the last {len(window)} evals "
-            f"(steps {first_step}-{step}: {window[0]:.3g} -> {value:.3g}) and keeps rising",
-            step=step, logits=which, key=key, value=_ev(value), first_step=first_step,
-            values=[_ev(v) for v in window], level=c.logit_level,
-        )
-
-
-    # -- gradient norm and continuous outputs
-
-    def _attribution(self) -> dict:
-        """Evidence naming the top parameters by gradient norm (from the latest row that carried them)."""
-        if self._grad_top is None:
-            return {"parameters": None}
-        return {"parameters": self._grad_top[1], "parameters_step": self._grad_top[0]}
-
-    def _check_grad_norm(self, step: int, row: Row, key: str) -> Finding | None:
-        c = self.config
-        norm = _num(row, key)
-        if c.grad_norm_max <= 0 or norm is None or not math.isfinite(norm):
-            return None  # off, absent, or non-finite (the nonfinite check speaks for that)
-        if not self._episode(f"grad_explosion:{key}").update(norm > c.grad_norm_max):
-            return None
-        evidence = self._attribution()
-        names = ", ".join(str(p.get("name")) for p in (evidence["parameters"] or [])[:3]) or "not measured"
-        where = "training step" if key == "grad_norm" else "eval batch"
-        return make_finding(
-            "grad_explosion",
-            f"gradient norm {norm:.4g} on the {where} at step {step}, above {c.grad_norm_max:g}; top parameters "
-            f"by gradient norm: {names}",
-            step=step, key=key, grad_norm=_ev(norm), bound=c.grad_norm_max, lr=_num(row, "lr"), **evidence,
-        )
-
-    def _check_scale_factor(self, step: int, row: Row) -> Finding | None:
-        """output_rms_off from train rows: a learnable RMS scaling's factor over the fixed one (1 at init).
-
-        Adam moves each scalar by about the LR per step whatever its gradient, so a mixing weight walks
-        to zero and the reference RMS turns into sqrt(negative) = NaN without any gradient spike first:
-        the factor leaving its range is the warning that comes in time (rows of models that log it).
-        """
-        c = self.config
-        factor = _num(row, "rms_scale_factor")
-        if factor is None:
-            return None
-        off = not (math.isfinite(factor) and c.rms_ratio_low <= factor <= c.rms_ratio_high)
-        if not self._episode("output_rms_off:train").update(off):
-            return None
-        mix = [_num(row, "rms_mix_in"), _num(row, "rms_mix_ctx")]
-        danger = " (a mixing weight near or below 0: the reference RMS becomes sqrt of a negative, NaN)" if any(
-            m is not None and m <= 0.1 for m in mix) else ""
-        return make_finding(
-            "output_rms_off",
-            f"the learnable RMS scaling multiplies the output by {factor:.3g} at step {step} (gain "
-            f"{_num(row, 'rms_gain')}, mix {mix}; healthy {c.rms_ratio_low:g}-{c.rms_ratio_high:g}){danger}",
-            step=step, rms_scale_factor=_ev(factor), rms_gain=_num(row, "rms_gain"), rms_mix=mix,
-            low=c.rms_ratio_low, high=c.rms_ratio_high, lr=_num(row, "lr"), **self._attribution())
-
-    def _check_signal(self, step: int, row: Row) -> list[Finding | None]:
-        c = self.config
-        ratio, std_ratio = _num(row, "val_rms_ratio"), _num(row, "val_output_std_ratio")
-        corr, novelty = _num(row, "val_input_corr"), _num(row, "val_novelty")
-        found: list[Finding | None] = []
-        if ratio is not None and math.isfinite(ratio):
-            off = not c.rms_ratio_low <= ratio <= c.rms_ratio_high
-            if self._episode("output_rms_off").update(off):
-                found.append(make_finding(
-                    "output_rms_off",
-                    f"output RMS is {ratio:.3g}x the target's at step {step} (healthy {c.rms_ratio_low:g}-"
-                    f"{c.rms_ratio_high:g}): the output scale drifted",
-                    step=step, rms_ratio=_ev(ratio), low=c.rms_ratio_low, high=c.rms_ratio_high,
-                    rms_gain=_num(row, "rms_gain"), **self._attribution()))
-        if std_ratio is not None and math.isfinite(std_ratio):
-            if self._episode("output_constant").update(std_ratio < c.constant_std):
-                found.append(make_finding(
-                    "output_constant",
-                    f"the output hardly moves over time at step {step}: its std over time is {std_ratio:.3g}x the "
-                    f"target's (below {c.constant_std:g})",
-                    step=step, output_std_ratio=_ev(std_ratio), output_std=_num(row, "val_output_std"),
-                    bound=c.constant_std, **self._attribution()))
-        if corr is not None and novelty is not None and math.isfinite(corr) and math.isfinite(novelty):
-            copying = step > c.warmup_steps and corr > c.copy_corr and novelty > c.copy_novelty
-            if self._episode("output_copies_input").update(copying):
-                baseline = _num(row, "val_copy_baseline")
-                found.append(make_finding(
-                    "output_copies_input",
-                    f"the output follows the input (correlation {corr:.3g} > {c.copy_corr:g}) but not its change "
-                    f"(val_novelty {novelty:.3g} > {c.copy_novelty:g}) at step {step}: the model copies the last "
-                    f"frame (val_loss {_num(row, 'val_loss'):.4g} vs copy baseline "
-                    f"{baseline if baseline is None else f'{baseline:.4g}'})",
-                    step=step, input_corr=_ev(corr), novelty=_ev(novelty), copy_corr=c.copy_corr,
-                    copy_novelty=c.copy_novelty, val_loss=_num(row, "val_loss"), val_copy_baseline=baseline,
-                    **self._attribution()))
-        return found
 
 
 def _push(window: deque[_Point], point: _Point, steps: int) -> None:
@@ -589,7 +199,467 @@ def _lr_text(lr: float | None) -> str:
     return "" if lr is None else f" ({lr:.3g})"
 
 
-def check_metrics(rows: Iterable[Row], config: MonitorConfig | None = None) -> list[Finding]:
+Found = Finding | None | list[Finding | None]
+
+
+# ---------------------------------------------------------------- the unit
+
+
+class Monitor:
+    """One monitor: a small unit that judges rows for its code(s) and keeps its own state.
+
+    The `RunMonitor` calls ``see`` on every row that has a step (before anything else), then ``train``
+    on finite train rows and ``eval`` on finite eval rows (a non-finite row is the nonfinite check's
+    alone: its numbers never enter a window). Each returns the findings that START at this row (None,
+    one finding or a list). A family adds its own units (``FamilySpec.monitors``).
+    """
+
+    def see(self, step: int, row: Row) -> None:
+        """Every row with a step, non-finite ones included (e.g. to remember an attribution)."""
+
+    def train(self, step: int, row: Row) -> Found:
+        return None
+
+    def eval(self, step: int, row: Row) -> Found:
+        return None
+
+
+class Attributed(Monitor):
+    """A monitor whose findings name the top parameters by gradient norm (the latest row's ``grad_top``)."""
+
+    def __init__(self) -> None:
+        self._grad_top: tuple[int, list] | None = None
+
+    def see(self, step: int, row: Row) -> None:
+        if isinstance(row.get("grad_top"), list):
+            self._grad_top = (step, row["grad_top"][:5])
+
+    def attribution(self) -> dict:
+        """Evidence naming the top parameters by gradient norm (from the latest row that carried them)."""
+        if self._grad_top is None:
+            return {"parameters": None}
+        return {"parameters": self._grad_top[1], "parameters_step": self._grad_top[0]}
+
+
+# ---------------------------------------------------------------- train rows
+
+
+class LossSpike(Monitor):
+    """loss_spike: a train loss far above the recent level, in units of the row-to-row noise."""
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self._losses: deque[float] = deque(maxlen=config.spike_window_rows)  # finite train losses: the reference
+        self._episode = Episode()
+
+    def train(self, step: int, row: Row) -> Found:
+        c, loss = self.config, num(row, "loss")
+        reference = list(self._losses)
+        self._losses.append(loss)
+        if len(reference) < c.spike_min_rows:
+            self._episode.update(False)
+            return None
+        z, level, noise = spike_z(loss, reference, c.spike_level_rows)
+        if not self._episode.update(z > c.spike_z and loss > level + c.spike_min_jump):
+            return None
+        return make_finding(
+            "loss_spike",
+            f"train loss {loss:.4f} at step {step} is {loss - level:.3f} nats above the median {level:.4f} "
+            f"of the previous {c.spike_level_rows} rows ({z:.1f} x the row-to-row noise {noise:.3g})",
+            step=step, loss=ev(loss), median=ev(level), noise=ev(noise), z=ev(z), window_rows=len(reference),
+        )
+
+
+class ClipSaturated(Monitor):
+    """clip_saturated: clipping fires on most steps of its window, after the warmup."""
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self._recent: deque[_Point] = deque()  # finite train rows of the last clip_window_steps steps
+        self._episode = Episode()
+
+    def train(self, step: int, row: Row) -> Found:
+        c = self.config
+        _push(self._recent, _Point(step, num(row, "loss"), num(row, "grad_norm")), c.clip_window_steps)
+        ratio, threshold = num(row, "clip_ratio"), num(row, "clip_threshold")
+        if ratio is None or threshold is None:  # clipping off, or an older row
+            self._episode.update(False)
+            return None
+        window_after_warmup = step - c.clip_window_steps >= c.warmup_steps
+        enter = window_after_warmup and ratio >= c.clip_ratio
+        if not self._episode.update(enter, stay=ratio >= c.clip_ratio / 2):
+            return None
+        norms = [p.grad_norm for p in self._recent if p.grad_norm is not None]
+        median_norm = statistics.median(norms) if norms else math.nan
+        # Pre-clip norms: a threshold at their p90 clips about one step in ten.
+        suggested = quantile(norms, 0.9) if norms else math.nan
+        lr = num(row, "lr")
+        times = median_norm / threshold if threshold > 0 else math.inf
+        if times >= c.clip_lr_factor:
+            advice = (f"norms {times:.0f}x the threshold: the learning rate{_lr_text(lr)} is likely too high; "
+                      "lower optim.lr before raising the clip")
+        else:
+            advice = (f"lower optim.lr{_lr_text(lr)} or raise train.clip.max_norm towards {suggested:.3g} "
+                      "(p90 of the pre-clip norms)")
+        return make_finding(
+            "clip_saturated",
+            f"gradient clipping fired on {ratio:.0%} of the last {c.clip_window_steps} steps at step {step} "
+            f"(median pre-clip grad norm {median_norm:.3g}, threshold {threshold:.3g}): {advice}",
+            step=step, clip_ratio=ev(ratio), median_grad_norm=ev(median_norm), clip_threshold=ev(threshold),
+            suggested_threshold=ev(suggested), lr=None if lr is None else ev(lr), window_steps=c.clip_window_steps,
+        )
+
+
+class LossFlat(Monitor):
+    """loss_flat: the train loss (over a window of steps) or the val loss (over a few evals) stopped moving."""
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self._flat: deque[_Point] = deque()  # finite train rows of the last flat_window_steps steps
+        self._evals: list[tuple[int, float]] = []  # (step, val_loss) of the finite evals
+        self._train_episode, self._val_episode = Episode(), Episode()
+
+    def train(self, step: int, row: Row) -> Found:
+        c = self.config
+        _push(self._flat, _Point(step, num(row, "loss"), None), c.flat_window_steps)
+        if step - c.flat_window_steps < c.warmup_steps or len(self._flat) < c.flat_min_rows:
+            return None
+        window = [p.loss for p in self._flat]
+        k = len(window) // 5
+        first, last = statistics.median(window[:k]), statistics.median(window[-k:])
+        change = abs(last - first) / max(abs(first), 1e-12)
+        if not self._train_episode.update(change < c.flat_rel_change, stay=change < 2 * c.flat_rel_change):
+            return None
+        lr = num(row, "lr")
+        return make_finding(
+            "loss_flat",
+            f"train loss moved {change:.2%} over the last {c.flat_window_steps} steps "
+            f"({first:.4f} -> {last:.4f}) at step {step}, lr{_lr_text(lr)}",
+            step=step, which="train", rel_change=ev(change), first_median=ev(first), last_median=ev(last),
+            window_steps=c.flat_window_steps, lr=None if lr is None else ev(lr),
+        )
+
+    def eval(self, step: int, row: Row) -> Found:
+        c = self.config
+        self._evals.append((step, num(row, "val_loss")))
+        last = [e for e in self._evals[-c.flat_val_evals:] if e[0] > c.warmup_steps]
+        if len(last) < c.flat_val_evals:
+            return None
+        values = [v for _, v in last]
+        change = (max(values) - min(values)) / max(abs(values[0]), 1e-12)
+        tol = c.flat_val_rel_change
+        if not self._val_episode.update(change < tol, stay=change < 2 * tol):
+            return None
+        return make_finding(
+            "loss_flat",
+            f"val loss stayed within {change:.2%} over the last {len(last)} evals "
+            f"(steps {last[0][0]}-{last[-1][0]}, {values[0]:.4f} -> {values[-1]:.4f})",
+            step=step, which="val", rel_change=ev(change), first_step=last[0][0],
+            val_losses=[ev(v) for v in values],
+        )
+
+
+class UpdateRatio(Monitor):
+    """update_ratio: the optimizer step moves the weight matrices far too much or too little, for a streak."""
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self._streak = 0  # consecutive rows past the warmup with the ratio out of range (+ high, - low)
+        self._peak_lr = 0.0  # the highest lr of the train rows so far
+        self._episode = Episode()
+
+    def train(self, step: int, row: Row) -> Found:
+        c = self.config
+        ratio, lr = num(row, "update_ratio"), num(row, "lr")
+        if lr is not None and math.isfinite(lr):
+            self._peak_lr = max(self._peak_lr, lr)
+        if ratio is None or not math.isfinite(ratio):
+            return None  # not measured on this row (older run, skipped step): the streak is unchanged
+        lr_high = lr is not None and lr > 0 and lr >= c.update_ratio_lr_frac * self._peak_lr
+        side = 0
+        if step > c.warmup_steps:
+            if ratio > c.update_ratio_high:
+                side = 1
+            elif ratio < c.update_ratio_low and lr_high:
+                side = -1
+        # A streak counts rows on one side; crossing from high to low starts a new one.
+        if side == 0:
+            self._streak = 0
+        elif self._streak * side > 0:
+            self._streak += side
+        else:
+            self._streak = side
+        enter = abs(self._streak) >= c.update_ratio_rows
+        if not self._episode.update(enter, stay=side != 0):
+            return None
+        high = side > 0
+        bound = c.update_ratio_high if high else c.update_ratio_low
+        vectors = num(row, "update_ratio_vectors")
+        advice = ("the weights move too fast: lower optim.lr" if high
+                  else "the weights barely move: raise optim.lr (or check that the optimizer sees these parameters)")
+        return make_finding(
+            "update_ratio",
+            f"update/weight ratio of the weight matrices {ratio:.3g} at step {step}, "
+            f"{'above' if high else 'below'} {bound:.0e} for {c.update_ratio_rows} logged rows in a row "
+            f"(rule of thumb ~1e-3), lr{_lr_text(lr)}: {advice}",
+            step=step, update_ratio=ev(ratio), lr=None if lr is None else ev(lr),
+            update_ratio_vectors=None if vectors is None else ev(vectors), direction="high" if high else "low",
+            bound=bound, rows=c.update_ratio_rows,
+        )
+
+
+class MoeImbalance(Monitor):
+    """moe_imbalance: the busiest expert gets several times its fair share, for a streak of rows."""
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self._streak = 0  # consecutive logged rows with an overloaded expert
+        self._episode = Episode()
+
+    def train(self, step: int, row: Row) -> Found:
+        c = self.config
+        ratio = num(row, "moe_max_load_ratio")
+        if ratio is None or not math.isfinite(ratio):
+            return None  # a dense model, or not measured on this row
+        over = step > c.warmup_steps and ratio > c.moe_load_ratio
+        self._streak = self._streak + 1 if over else 0
+        if not self._episode.update(self._streak >= c.moe_rows, stay=over):
+            return None
+        layer = row.get("moe_worst_layer")
+        return make_finding(
+            "moe_imbalance",
+            f"the busiest expert (layer {layer}) gets {ratio:.1f}x its fair share of tokens at step {step}, above "
+            f"{c.moe_load_ratio:g}x for {c.moe_rows} logged rows: raise the load-balance loss coefficient or use "
+            "bias-based balancing",
+            step=step, max_load_ratio=ev(ratio), layer=layer, bound=c.moe_load_ratio, rows=c.moe_rows,
+        )
+
+
+# ---------------------------------------------------------------- eval rows
+
+
+@dataclass
+class _Eval:
+    step: int
+    val_loss: float
+    train_loss: float | None  # median of the latest train rows when the eval ran
+
+
+class Overfitting(Monitor):
+    """overfitting: the val loss rises above its best for a few evals while the train loss keeps falling."""
+
+    TRAIN_ROWS = 10  # the train loss at an eval: median of the latest finite train rows
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self._losses: deque[float] = deque(maxlen=min(self.TRAIN_ROWS, config.spike_window_rows))
+        self._evals: list[_Eval] = []
+        self._episode = Episode()
+
+    def train(self, step: int, row: Row) -> Found:
+        self._losses.append(num(row, "loss"))
+        return None
+
+    def eval(self, step: int, row: Row) -> Found:
+        c = self.config
+        recent = list(self._losses)
+        self._evals.append(_Eval(step, num(row, "val_loss"), statistics.median(recent) if recent else None))
+        evals, k = self._evals, c.overfit_evals
+        best_i = min(range(len(evals)), key=lambda i: evals[i].val_loss)
+        best, last, now = evals[best_i], evals[-k:], evals[-1]
+        enter = (
+            best_i < len(evals) - k  # the best is older than the last k evals
+            and all(e.val_loss > best.val_loss + c.overfit_margin for e in last)
+            and now.val_loss >= last[0].val_loss  # still rising, not recovering
+            and best.train_loss is not None
+            and now.train_loss is not None
+            and now.train_loss < best.train_loss - c.overfit_margin
+        )
+        # The episode lasts until a new best val loss.
+        if not self._episode.update(enter, stay=best_i < len(evals) - 1):
+            return None
+        return make_finding(
+            "overfitting",
+            f"val loss {now.val_loss:.4f} at step {step} is above its best {best.val_loss:.4f} (step {best.step}) "
+            f"for {k} evals while the train loss fell {best.train_loss:.4f} -> {now.train_loss:.4f}; "
+            f"checkpoints/best holds the step-{best.step} weights",
+            step=step, best_val_step=best.step, best_val_loss=ev(best.val_loss), val_loss=ev(now.val_loss),
+            train_loss_at_best=ev(best.train_loss), train_loss=ev(now.train_loss), evals_above_best=k,
+        )
+
+
+class EntropyCollapse(Monitor):
+    """entropy_collapse: the model is near-certain of its next token and mostly wrong."""
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self._episode = Episode()
+
+    def eval(self, step: int, row: Row) -> Found:
+        c = self.config
+        val_loss, entropy = num(row, "val_loss"), num(row, "val_entropy")
+        if entropy is None or not math.isfinite(entropy):
+            return None
+        low = entropy < c.entropy_floor and entropy < c.entropy_loss_frac * val_loss
+        if not self._episode.update(low):
+            return None
+        return make_finding(
+            "entropy_collapse",
+            f"mean output entropy {entropy:.3g} nats at step {step} while the val loss is {val_loss:.4f}: the model "
+            f"is near-certain of its next token and mostly wrong (expect repetitive samples)",
+            step=step, val_entropy=ev(entropy), val_loss=ev(val_loss), entropy_floor=c.entropy_floor,
+        )
+
+
+class LogitGrowth(Monitor):
+    """logit_growth: the max |logit| at eval (output, or attention for models that report it) keeps growing."""
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self._history = {key: deque(maxlen=config.logit_growth_evals) for key in LOGIT_KEYS}  # key -> (step, value)
+        self._episodes = {key: Episode() for key in LOGIT_KEYS}
+
+    def eval(self, step: int, row: Row) -> Found:
+        return [self._check(step, row, key) for key in LOGIT_KEYS]
+
+    def _check(self, step: int, row: Row, key: str) -> Finding | None:
+        c = self.config
+        value = num(row, key)
+        if value is None or not math.isfinite(value) or step <= c.warmup_steps:
+            return None
+        history = self._history[key]
+        history.append((step, value))
+        window = [v for _, v in history]
+        rising = all(b > a for a, b in zip(window, window[1:]))
+        enter = (len(window) == c.logit_growth_evals and rising and value > c.logit_level
+                 and value >= c.logit_growth_factor * window[0])
+        if not self._episodes[key].update(enter, stay=value > c.logit_level):
+            return None
+        first_step, which = history[0][0], LOGIT_KEYS[key]
+        return make_finding(
+            "logit_growth",
+            f"max |{which} logit| at eval grew {value / window[0]:.1f}x over the last {len(window)} evals "
+            f"(steps {first_step}-{step}: {window[0]:.3g} -> {value:.3g}) and keeps rising",
+            step=step, logits=which, key=key, value=ev(value), first_step=first_step,
+            values=[ev(v) for v in window], level=c.logit_level,
+        )
+
+
+# ---------------------------------------------------------------- both: the gradient norm
+
+
+class GradExplosion(Attributed):
+    """grad_explosion: grad_norm (train rows, pre-clip) or val_grad_norm (eval rows) above ``bound``.
+
+    Off unless a run asks for it (``doctor.signal.grad_norm_max``, `configured_monitors`) or its family adds
+    it (the cascade: 100 by default). The evidence names the top parameters by gradient norm from the row's
+    ``grad_top``, else the latest one seen.
+    """
+
+    def __init__(self, bound: float) -> None:
+        super().__init__()
+        self.bound = bound
+        self._episodes = {"grad_norm": Episode(), "val_grad_norm": Episode()}
+
+    def train(self, step: int, row: Row) -> Found:
+        return self._check(step, row, "grad_norm")
+
+    def eval(self, step: int, row: Row) -> Found:
+        return self._check(step, row, "val_grad_norm")
+
+    def _check(self, step: int, row: Row, key: str) -> Finding | None:
+        norm = num(row, key)
+        if self.bound <= 0 or norm is None or not math.isfinite(norm):
+            return None  # off, absent, or non-finite (the nonfinite check speaks for that)
+        if not self._episodes[key].update(norm > self.bound):
+            return None
+        evidence = self.attribution()
+        names = ", ".join(str(p.get("name")) for p in (evidence["parameters"] or [])[:3]) or "not measured"
+        where = "training step" if key == "grad_norm" else "eval batch"
+        return make_finding(
+            "grad_explosion",
+            f"gradient norm {norm:.4g} on the {where} at step {step}, above {self.bound:g}; top parameters "
+            f"by gradient norm: {names}",
+            step=step, key=key, grad_norm=ev(norm), bound=self.bound, lr=num(row, "lr"), **evidence,
+        )
+
+
+def configured_monitors(cfg: Config) -> list[Monitor]:
+    """Generic monitors that a run's config turns on: grad_explosion when ``doctor.signal.grad_norm_max`` is set
+    (> 0). Left unset (None), a family may bring its own default (the cascade's monitors: 100)."""
+    bound = cfg.doctor.signal.grad_norm_max
+    return [GradExplosion(bound)] if bound else []
+
+
+# ---------------------------------------------------------------- the runner
+
+
+class RunMonitor:
+    """The generic monitors (built from ``config``) followed by ``extra`` units (a family's, a run's).
+
+    ``observe(row)`` returns the findings that start at this row, unit by unit in order. A non-finite
+    train or eval row is reported here (``nonfinite``, once per episode) and is not shown to the units.
+    """
+
+    def __init__(self, config: MonitorConfig | None = None, extra: Sequence[Monitor] = ()) -> None:
+        self.config = config or MonitorConfig()
+        c = self.config
+        self.units: list[Monitor] = [LossSpike(c), ClipSaturated(c), LossFlat(c), UpdateRatio(c), MoeImbalance(c),
+                                     Overfitting(c), EntropyCollapse(c), LogitGrowth(c), *extra]
+        self._nonfinite = {"train": Episode(), "eval": Episode()}
+
+    @property
+    def grad_norm_max(self) -> float:
+        """The lowest grad_explosion bound in force (0: off); the trainer names the parameters above it."""
+        return min((u.bound for u in self.units if isinstance(u, GradExplosion) and u.bound > 0), default=0.0)
+
+    def observe(self, row: Row) -> list[Finding]:
+        """Findings that start at this row (train or eval row of metrics.jsonl)."""
+        step = row.get("step")
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            return []
+        step = int(step)
+        for unit in self.units:
+            unit.see(step, row)
+        if "val_loss" in row:
+            found, kind = self._gate_eval(step, row), "eval"
+        elif "loss" in row:
+            found, kind = self._gate_train(step, row), "train"
+        else:
+            return []
+        if found is None:  # a finite row: every unit judges it
+            found = []
+            for unit in self.units:
+                result = unit.eval(step, row) if kind == "eval" else unit.train(step, row)
+                found += result if isinstance(result, list) else [result]
+        return [f for f in found if f is not None]
+
+    def replay(self, rows: Iterable[Row]) -> list[Finding]:
+        """Every finding of a whole metrics history, in row order."""
+        return [finding for row in rows for finding in self.observe(row)]
+
+    def _gate_train(self, step: int, row: Row) -> list[Finding] | None:
+        loss, grad_norm = num(row, "loss"), num(row, "grad_norm")
+        bad = row.get("nonfinite") is True or any(v is not None and not math.isfinite(v) for v in (loss, grad_norm))
+        if self._nonfinite["train"].update(bad):
+            values = {k: ev(v) for k, v in (("loss", loss), ("grad_norm", grad_norm)) if v is not None}
+            shown = ", ".join(f"{k} {v}" for k, v in values.items())
+            return [make_finding("nonfinite", f"non-finite training step at step {step} ({shown}); the step was "
+                                 "skipped", step=step, **values)]
+        return [] if bad or loss is None else None  # a skipped step: its numbers must not enter the windows
+
+    def _gate_eval(self, step: int, row: Row) -> list[Finding] | None:
+        val_loss, val_bpb = num(row, "val_loss"), num(row, "val_bpb")
+        bad = any(v is not None and not math.isfinite(v) for v in (val_loss, val_bpb))
+        if self._nonfinite["eval"].update(bad):
+            values = {k: ev(v) for k, v in (("val_loss", val_loss), ("val_bpb", val_bpb)) if v is not None}
+            shown = ", ".join(f"{k} {v}" for k, v in values.items())
+            return [make_finding("nonfinite", f"non-finite validation loss at step {step} ({shown})",
+                                 step=step, **values)]
+        return [] if bad or val_loss is None else None
+
+
+def check_metrics(rows: Iterable[Row], config: MonitorConfig | None = None,
+                  extra: Sequence[Monitor] = ()) -> list[Finding]:
     """Replay a whole metrics history through a fresh RunMonitor: every finding, in row order."""
-    monitor = RunMonitor(config or MonitorConfig())
-    return [finding for row in rows for finding in monitor.observe(row)]
+    return RunMonitor(config, extra).replay(rows)

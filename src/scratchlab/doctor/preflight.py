@@ -8,10 +8,20 @@ The model can be any ``nn.Module`` whose ``forward(input_ids)`` takes integer id
 The leak checks (`check_causal_leak`, `check_batch_leak`) also take continuous frames: float
 ``input_ids`` [B, T, F] and outputs [B, T', F'] on the same time axis (T' <= T); a perturbed frame
 is the frame plus Gaussian noise of the batch's per-feature std.
-``batch`` is ``{"input_ids", "labels"}`` (labels -100 = ignored); ``dataset`` is an optional map-style
-Dataset of such dicts (one sample each, no batch dim). Items may carry ``window_start`` (int) and
-``clip_len`` (tokens/frames in the source clip): with them the crop check is precise (it knows how many
-windows a clip holds); without them it can only compare repeated draws.
+``batch`` is ``{"input_ids", "labels"}`` (labels -100 = ignored), plus any tensors the loss needs;
+``dataset`` is an optional map-style Dataset of such dicts (one sample each, no batch dim), the TRAINING
+set. Items may carry ``window_start`` (int), ``clip_len`` (tokens/frames in the source clip) and
+``crop_len`` (how many of them one window covers): with them the crop check is precise (it knows how
+many windows a clip holds); without them it can only compare repeated draws.
+
+The loss: ``loss=fn`` with ``fn(model, batch)`` returning ``.loss`` (the figure), ``.objective`` (what is
+back-propagated) and ``.outputs`` (logits or predictions); a scratchlab family passes its ``Task.loss``,
+so preflight trains exactly what training trains. The default, `token_cross_entropy`, is token
+cross-entropy of ``model(input_ids)`` over ``labels``. The leak checks perturb ``model(input_ids)``.
+
+Checks are units (`Check`: a name, a function of the `Subject`, what it needs); ``checks=`` picks and
+orders them (default `PREFLIGHT_CHECKS`, every one below). A family composes its list from these units
+and its own (families/*/task.py ``preflight``; the cascade's in families/cascade/checks.py).
 
 Ground rules:
 - The checks run on ONE deepcopy of the model, in fp32 (memory: one more copy of the model; two for a
@@ -52,7 +62,9 @@ Checks and thresholds (why):
   50% of the starting loss. A model that ignores its input can only reach the unigram entropy of the
   targets (~70-95% of ln V on text or random tokens); one whose gradients do not reach the weights
   does not move.
-- deterministic_windows: see `check_deterministic_windows` (no false positives on fixed datasets).
+- deterministic_windows (this and the next two: the dataset checks, doctor/data_checks.py): see
+  `check_deterministic_windows` (judged on what a training set returns, not on the crop it declares;
+  evaluation sets and pre-cut sequences stay silent).
 - vocab_coverage_low (info): distinct target ids / V < 0.5, judged only when the scan is conclusive
   (the whole dataset, or at least 10 x V targets: a small sample of a Zipfian vocabulary under-covers).
 - data_too_small: len(dataset) x targets per sample < 0.1 x trainable parameters (compute-optimal is
@@ -66,7 +78,6 @@ import copy
 import math
 import random
 import statistics
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,8 +87,17 @@ import torch
 from torch import nn
 
 import scratchlab.doctor.catalog  # noqa: F401  (registers the codes)
-from scratchlab.doctor.findings import Finding, make_finding
+from scratchlab.doctor.data_checks import (
+    DataScan,
+    check_data_size,
+    check_deterministic_windows,
+    check_vocab_coverage,
+    scan_dataset,
+)
+from scratchlab.doctor.findings import Finding, make_finding, sig
 from scratchlab.loss import IGNORE_INDEX, token_loss
+
+_sig = sig  # evidence numbers: a few significant digits (doctor.findings.sig)
 
 PERTURB_SAMPLES = 2  # samples used by the leak checks (one forward each per probe)
 GRAD_SAMPLES = 4  # samples used by the one-backward checks
@@ -90,12 +110,6 @@ GRAD_OUTLIER_RATIO = 100.0  # per-element grad RMS vs the median
 GRAD_TO_WEIGHT_RATIO = 1000.0  # grad/weight norm vs the median: weights legitimately differ in scale
 OVERFIT_LR = 1e-3
 OVERFIT_TARGET = 0.5  # final loss must fall below this fraction of the starting loss
-WINDOW_INDICES, WINDOW_REPEATS = 4, 3
-WINDOW_P_VALUE = 1e-3  # flag a constant crop only when a random crop would look so by chance < 0.1%
-COVERAGE_MIN = 0.5
-COVERAGE_TARGETS_PER_VOCAB = 10
-SCAN_MAX_SAMPLES, SCAN_SECONDS = 512, 2.0
-TOKENS_PER_PARAM_MIN = 0.1
 
 
 # ---------------------------------------------------------------- helpers
@@ -187,13 +201,7 @@ def _scale(logits: torch.Tensor) -> float:
     return max(float(finite.abs().max()), 1e-3) if finite.numel() else 1.0
 
 
-def _sig(x: float, digits: int = 4) -> float | str:
-    """A float rounded to a few significant digits for the evidence (JSON has no NaN/Inf: those as text)."""
-    x = float(x)
-    return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
-
-
-def _check_failed(check: str, exc: BaseException) -> Finding:
+def check_failed(check: str, exc: BaseException) -> Finding:
     text = " ".join(str(exc).split())[:300]
     return make_finding("check_failed", f"preflight check '{check}' could not run: {type(exc).__name__}: {text}",
                         check=check, exception=type(exc).__name__, error=text)
@@ -225,6 +233,50 @@ def _checked_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"label ids span [{int(kept.min())}, {int(kept.max())}] but the logits have "
                          f"V={logits.shape[-1]}")
     return token_loss(logits, labels)
+
+
+# ---------------------------------------------------------------- the loss the checks train with
+
+
+@dataclass
+class PreflightLoss:
+    """What a preflight loss function returns: the fields of ``families.base.LossOutput`` the checks read
+    (a family's ``Task.loss`` result works as it is)."""
+
+    loss: torch.Tensor  # the figure: init_loss_high and cannot_overfit judge it
+    objective: torch.Tensor  # what is back-propagated (the loss plus auxiliary terms such as z-loss)
+    outputs: torch.Tensor  # logits [..., V] (V = their last dim) or continuous predictions
+
+
+LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], Any]  # (model, batch) -> PreflightLoss / LossOutput
+
+
+def token_cross_entropy(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> PreflightLoss:
+    """The default loss of any model: token cross-entropy of ``model(input_ids)`` over ``labels`` (-100 ignored).
+
+    The label ids are checked against V first (an out-of-range id is a device assert on CUDA). A model family
+    passes its own loss instead (scratchlab's: ``Task.loss``), so preflight trains what training trains.
+    """
+    ids, labels = _targets(batch)
+    logits = _forward(model, ids)
+    loss = _checked_loss(logits, labels)
+    return PreflightLoss(loss=loss, objective=loss, outputs=logits)
+
+
+def _head(batch: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """The first ``n`` samples of every tensor of the batch (the batch dimension is dim 0)."""
+    return {k: v[:n] if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
+
+
+def _seeded_loss(loss_fn: LossFn, model: nn.Module, batch: Mapping[str, torch.Tensor], seed: int = 0) -> Any:
+    """``loss_fn`` with the same RNG state every time (identical dropout masks), like `_seeded_forward`."""
+    device = _model_device(model, torch.device("cpu"))
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        return loss_fn(model, batch)
 
 
 # ---------------------------------------------------------------- the batch alone
@@ -383,6 +435,7 @@ class StepReport:
     first_bad_logit: list[int] | None
     loss_has_grad: bool
     params: list[ParamGrad]
+    neg_inf_bad: bool = False  # -inf is a legitimate mask in logits, not in continuous predictions
 
 
 def _param_grad(name: str, p: nn.Parameter, trainable: bool) -> ParamGrad:
@@ -399,18 +452,19 @@ def _param_grad(name: str, p: nn.Parameter, trainable: bool) -> ParamGrad:
     return ParamGrad(name, p.numel(), float(p.float().norm()) if finite else math.nan, finite, state, norm)
 
 
-def gradient_step(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepReport:
-    """Loss, logit statistics and per-parameter gradient statistics of one backward in train mode."""
-    ids, labels = _targets(batch)
-    ids, labels = ids[:GRAD_SAMPLES], labels[:GRAD_SAMPLES]
+def gradient_step(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_fn: LossFn = token_cross_entropy,
+                  *, neg_inf_bad: bool = False) -> StepReport:
+    """Loss, output statistics and per-parameter gradient statistics of one backward (of the objective) in
+    train mode. ``neg_inf_bad``: -inf outputs count as non-finite (continuous predictions; in logits it is a mask)."""
     model.train()
     model.zero_grad(set_to_none=True)
-    logits = _seeded_forward(model, ids)
-    loss = _checked_loss(logits, labels)
-    if loss.requires_grad:
-        loss.backward()
+    out = _seeded_loss(loss_fn, model, _head(batch, GRAD_SAMPLES))
+    loss, objective = out.loss, out.objective
+    if objective.requires_grad:
+        objective.backward()
+    logits = out.outputs.detach().float()
     with torch.no_grad():
-        bad = logits.isnan() | (logits == math.inf)
+        bad = logits.isnan() | (logits.isinf() if neg_inf_bad else logits == math.inf)
         finite = logits[logits.isfinite()]
         trainable = {id(p) for _, p in _trainable(model)}
         params = [_param_grad(name, p, id(p) in trainable) for name, p in model.named_parameters()]
@@ -420,7 +474,7 @@ def gradient_step(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepRe
             logits_nan=int(logits.isnan().sum()), logits_posinf=int((logits == math.inf).sum()),
             logits_neginf=int((logits == -math.inf).sum()),
             first_bad_logit=bad.nonzero()[0].tolist()[:-1] if bool(bad.any()) else None,
-            loss_has_grad=loss.requires_grad, params=params)
+            loss_has_grad=objective.requires_grad, params=params, neg_inf_bad=neg_inf_bad)
     model.zero_grad(set_to_none=True)
     return report
 
@@ -429,7 +483,7 @@ def check_nonfinite(report: StepReport) -> list[Finding]:
     """nonfinite: NaN/Inf in a weight, the logits (NaN/+Inf), the loss or a gradient; first offender named."""
     bad_weights = [p.name for p in report.params if not p.weight_finite]
     bad_grads = [p.name for p in report.params if p.grad == "nonfinite"]
-    bad_logits = report.logits_nan + report.logits_posinf
+    bad_logits = report.logits_nan + report.logits_posinf + (report.logits_neginf if report.neg_inf_bad else 0)
     bad_loss = not math.isfinite(report.loss)
     if not (bad_weights or bad_grads or bad_logits or bad_loss):
         return []
@@ -463,7 +517,7 @@ def check_init_loss(report: StepReport) -> list[Finding]:
                          vocab_size=report.vocab_size)]
 
 
-def _still_dead(model: nn.Module, batch: Mapping[str, torch.Tensor], names: set[str]) -> set[str]:
+def _still_dead(model: nn.Module, batch: Mapping[str, torch.Tensor], names: set[str], loss_fn: LossFn) -> set[str]:
     """Of ``names`` (zero gradient at init), those whose gradient is still zero after one Adam step.
 
     A zero-initialised output layer or gate blocks the gradient only at step 0; one step opens it.
@@ -471,12 +525,11 @@ def _still_dead(model: nn.Module, batch: Mapping[str, torch.Tensor], names: set[
     trial = copy.deepcopy(model)
     params = [p for _, p in _trainable(trial)]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    ids, labels = _targets(batch)
-    ids, labels = ids[:GRAD_SAMPLES], labels[:GRAD_SAMPLES]
+    batch = _head(batch, GRAD_SAMPLES)
     trial.train()
     for step in range(2):  # a step, then the gradients after it
         optimizer.zero_grad(set_to_none=True)
-        _checked_loss(_seeded_forward(trial, ids), labels).backward()
+        _seeded_loss(loss_fn, trial, batch).objective.backward()
         if step == 0:
             optimizer.step()
     dead = {n for n, p in _trainable(trial) if n in names and (p.grad is None or not bool(p.grad.any()))}
@@ -484,12 +537,13 @@ def _still_dead(model: nn.Module, batch: Mapping[str, torch.Tensor], names: set[
     return dead
 
 
-def check_dead_params(model: nn.Module, batch: Mapping[str, torch.Tensor], report: StepReport) -> list[Finding]:
+def check_dead_params(model: nn.Module, batch: Mapping[str, torch.Tensor], report: StepReport,
+                      loss_fn: LossFn = token_cross_entropy) -> list[Finding]:
     """dead_params: trainable parameters the loss does not reach (no gradient, or zero even after a step)."""
     no_grad = [p.name for p in report.params if p.grad == "none"]
     zero = [p.name for p in report.params if p.grad == "zero"]
     if zero and report.loss_has_grad:
-        still = _still_dead(model, batch, set(zero))
+        still = _still_dead(model, batch, set(zero), loss_fn)
         zero = [n for n in zero if n in still]
     dead = no_grad + zero
     if not dead:
@@ -535,10 +589,11 @@ def check_grad_outlier(report: StepReport) -> list[Finding]:
 # ---------------------------------------------------------------- overfit one batch
 
 
-def check_overfit(model: nn.Module, batch: Mapping[str, torch.Tensor], steps: int) -> list[Finding]:
+def check_overfit(model: nn.Module, batch: Mapping[str, torch.Tensor], steps: int,
+                  loss_fn: LossFn = token_cross_entropy) -> list[Finding]:
     """cannot_overfit: Adam on a few samples must bring the loss below half of where it started."""
-    ids, labels = _targets(batch)
-    ids, labels = ids[:OVERFIT_SAMPLES], labels[:OVERFIT_SAMPLES]
+    batch = _head(batch, OVERFIT_SAMPLES)
+    samples = int(next(v for v in batch.values() if torch.is_tensor(v) and v.ndim).shape[0])
     model.train()
     params = [p for _, p in _trainable(model)]
     optimizer = torch.optim.Adam(params, lr=OVERFIT_LR) if params else None
@@ -547,225 +602,183 @@ def check_overfit(model: nn.Module, batch: Mapping[str, torch.Tensor], steps: in
     def failed(reason: str, end: float) -> list[Finding]:
         start = losses[0] if losses else end
         return [make_finding("cannot_overfit", f"{reason}: loss {start:.3f} -> {end:.3f} in {max(len(losses), 1) - 1} "
-                             f"Adam steps on {ids.shape[0]} samples; check labels, the loss mask and the grad path",
+                             f"Adam steps on {samples} samples; check labels, the loss mask and the grad path",
                              start_loss=_sig(start), end_loss=_sig(end), min_loss=_sig(min(losses, default=end)),
                              steps=max(len(losses), 1) - 1, lr=OVERFIT_LR, target_fraction=OVERFIT_TARGET,
-                             samples=int(ids.shape[0]), reason=reason)]
+                             samples=samples, reason=reason)]
 
     for step in range(steps + 1):  # steps updates, then the loss after the last one
-        loss = _checked_loss(_forward(model, ids), labels)
-        value = float(loss.detach())
+        out = loss_fn(model, batch)
+        value = float(out.loss.detach())
         if not math.isfinite(value):
             return failed(f"the loss became non-finite at step {step}", value)
         losses.append(value)
         if step and value < OVERFIT_TARGET * losses[0]:
             return []
-        if optimizer is None or not loss.requires_grad:
+        if optimizer is None or not out.objective.requires_grad:
             return failed("no gradient reaches the weights" if optimizer else "no trainable parameters", value)
         if step == steps:
             break
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out.objective.backward()
         optimizer.step()
     return failed(f"the loss did not fall below {OVERFIT_TARGET:.0%} of its start", losses[-1])
 
 
-# ---------------------------------------------------------------- the dataset
+# ---------------------------------------------------------------- all together: checks as units
 
 
-def _item(dataset: Any, index: int) -> dict[str, Any]:
-    item = dataset[index]
-    if not isinstance(item, Mapping) or "input_ids" not in item:
-        raise TypeError(f"dataset[{index}] is {type(item).__name__}; expected a dict with 'input_ids' (and 'labels')")
-    return dict(item)
+class Subject:
+    """What the checks look at: the caller's model and batch, and what is computed from them once, on first use.
 
-
-def check_deterministic_windows(dataset: Any) -> list[Finding]:
-    """deterministic_windows: are training windows random crops?
-
-    Draws each of 4 indices 3 times. With ``window_start`` and ``clip_len`` in the items: a clip of L
-    tokens holds L - T possible starts for a window of T inputs (+1 label). Flag when every draw starts at
-    the same offset (e.g. always 0: an inverted crop flag), or every index returns its same window on
-    every draw, while clips are longer than a window and a random crop would look like that with
-    probability < 1e-3. Without those keys there is no telling a fixed dataset (pre-cut sequences, a
-    legitimate design) from a broken crop, so identical repeated draws are flagged only when the dataset
-    advertises ``random_crop = True``. A dataset with ``random_crop = False`` is fixed on purpose: no finding.
+    ``probe`` is the fp32 deepcopy the model checks run on (they may train it); ``report`` is one
+    `gradient_step` of ``loss`` on it; ``scan`` is `scan_dataset` of ``dataset``. A part that cannot be
+    computed adds one ``check_failed`` finding (``copy_model``, ``gradients``, ``data_scan``) and the checks
+    that need it are skipped.
     """
-    advertised = getattr(dataset, "random_crop", None)
-    if advertised is False:
-        return []
-    n = len(dataset)
-    if n == 0:
-        return []
-    indices = sorted({0, n // 3, (2 * n) // 3, n - 1} & set(range(n)))[:WINDOW_INDICES]
-    draws = {i: [_item(dataset, i) for _ in range(WINDOW_REPEATS)] for i in indices}
-    first = draws[indices[0]][0]
-    T = int(torch.as_tensor(first["input_ids"]).shape[0])
-    if "window_start" in first and "clip_len" in first:
-        starts = {i: [int(d["window_start"]) for d in ds] for i, ds in draws.items()}
-        room = {i: int(ds[0]["clip_len"]) - T for i, ds in draws.items()}  # possible starts of a T+1 window
-        movable = [i for i in indices if room[i] > 1]
-        if not movable:
-            return []
-        clip_lens = [int(draws[i][0]["clip_len"]) for i in movable]
-        all_starts = {s for i in movable for s in starts[i]}
-        # Chance that uniform random crops show the pattern: constant start over every draw,
-        # or the same start per index over its repeats.
-        p_constant = math.prod((1 / room[i]) ** len(starts[i]) for i in movable) * min(room[i] for i in movable)
-        p_per_index = math.prod((1 / room[i]) ** (len(starts[i]) - 1) for i in movable)
-        evidence = dict(window_len=T, clip_len=clip_lens, indices=movable, starts=[starts[i] for i in movable])
-        if len(all_starts) == 1 and p_constant < WINDOW_P_VALUE:
-            (s,) = all_starts
-            return [make_finding("deterministic_windows", f"every draw of {len(movable)} indices starts at "
-                                 f"window_start={s} although clips hold {min(clip_lens)}+ tokens (window {T}): crops "
-                                 "are not random; draw the start at random for training",
-                                 reason="constant_start", start=s, p_random=_sig(p_constant), **evidence)]
-        if all(len(set(starts[i])) == 1 for i in movable) and p_per_index < WINDOW_P_VALUE:
-            return [make_finding("deterministic_windows", f"each dataset index returns the same window on every "
-                                 f"draw although clips hold {min(clip_lens)}+ tokens (window {T}): the rest of each "
-                                 "clip is never seen in that position; use random crops for training",
-                                 reason="same_window_per_index", p_random=_sig(p_per_index), **evidence)]
-        return []
-    if advertised is True:
-        same = [all(torch.equal(torch.as_tensor(d["input_ids"]), torch.as_tensor(ds[0]["input_ids"])) for d in ds)
-                for ds in draws.values()]
-        if len(indices) >= 2 and all(same):
-            return [make_finding("deterministic_windows", f"the dataset sets random_crop=True but {len(indices)} "
-                                 f"indices each returned identical windows on {WINDOW_REPEATS} draws: the crop flag "
-                                 "is ignored or inverted", reason="identical_draws", indices=indices,
-                                 repeats=WINDOW_REPEATS, window_len=T)]
-    return []
+
+    def __init__(self, model: nn.Module, batch: dict[str, torch.Tensor], *, loss: LossFn,
+                 special_token_ids: Sequence[int], dataset: Any, overfit_steps: int, neg_inf_bad: bool,
+                 findings: list[Finding]) -> None:
+        self.model, self.batch, self.loss = model, batch, loss
+        self.special_token_ids, self.dataset, self.overfit_steps = special_token_ids, dataset, overfit_steps
+        self.neg_inf_bad = neg_inf_bad
+        self._findings = findings
+        self._made: dict[str, Any] = {}
+
+    def _part(self, name: str, failed_as: str, make: Callable[[], Any]) -> Any:
+        if name not in self._made:
+            try:
+                self._made[name] = make()
+            except Exception as exc:  # one check_failed for the part; the checks that need it are skipped
+                self._made[name] = None
+                self._findings.append(check_failed(failed_as, exc))
+        return self._made[name]
+
+    @property
+    def probe(self) -> nn.Module | None:
+        def copy_model() -> nn.Module:
+            probe = copy.deepcopy(self.model).float()
+            for p in probe.parameters():
+                p.grad = None
+            return probe
+        return self._part("probe", "copy_model", copy_model)
+
+    @property
+    def report(self) -> StepReport | None:
+        probe = self.probe
+        if probe is None:
+            return None
+        return self._part("report", "gradients",
+                          lambda: gradient_step(probe, self.batch, self.loss, neg_inf_bad=self.neg_inf_bad))
+
+    @property
+    def scan(self) -> DataScan | None:
+        if self.dataset is None:
+            return None
+        report = self._made.get("report")  # the vocabulary size, when the gradient step ran already
+        return self._part("scan", "data_scan", lambda: scan_dataset(self.dataset, report.vocab_size if report else None))
+
+    @property
+    def finite(self) -> bool:
+        """The gradient step ran and showed no NaN/Inf: with NaN about, the other numbers mean nothing."""
+        report = self.report
+        return report is not None and not check_nonfinite(report)
+
+    def ready(self, needs: Sequence[str]) -> bool:
+        """Whether every part in ``needs`` exists (computing it now if needed), in order."""
+        for need in needs:
+            if need == "dataset" and self.dataset is None:
+                return False
+            if need in ("probe", "report", "scan") and getattr(self, need) is None:
+                return False
+            if need == "finite" and not self.finite:
+                return False
+            if need == "overfit" and self.overfit_steps <= 0:
+                return False
+        return True
+
+    def release(self) -> None:
+        """Drop the model copy (memory: one more copy of the model) once the model checks are done."""
+        self._made.pop("probe", None)
 
 
-@dataclass
-class DataScan:
-    samples: int  # scanned
-    dataset_len: int
-    targets: int  # non-ignored labels scanned
-    distinct: set[int]
-    complete: bool  # the whole dataset was scanned
+@dataclass(frozen=True)
+class Check:
+    """One preflight check: ``run(subject)`` returns its findings; ``name`` is what check_failed reports.
+
+    ``needs`` (in order): ``probe`` (the fp32 model copy), ``report`` (one gradient step), ``finite`` (that
+    step showed no NaN/Inf), ``overfit`` (overfit_steps > 0), ``dataset``, ``scan`` (the dataset scan). A
+    family composes its list from these units and its own (families/*/task.py ``preflight``).
+    """
+
+    name: str
+    run: Callable[[Subject], list[Finding]]
+    needs: tuple[str, ...] = ()
 
 
-def scan_dataset(dataset: Any, vocab_size: int | None) -> DataScan:
-    """Target ids of up to SCAN_MAX_SAMPLES samples (evenly spread; stops after SCAN_SECONDS)."""
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("the dataset is empty")
-    item = _item(dataset, 0)
-    per_sample = int((torch.as_tensor(item.get("labels", item["input_ids"])) != IGNORE_INDEX).sum())
-    want = max(16, math.ceil(COVERAGE_TARGETS_PER_VOCAB * (vocab_size or 0) / max(per_sample, 1)))
-    count = min(n, want, SCAN_MAX_SAMPLES)
-    indices = np.unique(np.linspace(0, n - 1, num=count).round().astype(np.int64))
-    deadline = time.perf_counter() + SCAN_SECONDS
-    distinct: set[int] = set()
-    targets = scanned = 0
-    for i in indices:
-        item = _item(dataset, int(i))
-        labels = torch.as_tensor(item.get("labels", item["input_ids"]))
-        kept = labels[labels != IGNORE_INDEX]
-        distinct.update(torch.unique(kept).tolist())
-        targets += int(kept.numel())
-        scanned += 1
-        if time.perf_counter() > deadline:
-            break
-    return DataScan(scanned, n, targets, distinct, complete=scanned == n)
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for _, p in _trainable(model))
 
 
-def check_vocab_coverage(scan: DataScan, vocab_size: int) -> list[Finding]:
-    """vocab_coverage_low: few distinct target ids compared with V, on a conclusive scan."""
-    coverage = len({t for t in scan.distinct if 0 <= t < vocab_size}) / vocab_size
-    conclusive = scan.complete or scan.targets >= COVERAGE_TARGETS_PER_VOCAB * vocab_size
-    if coverage >= COVERAGE_MIN or not conclusive:
-        return []
-    return [make_finding("vocab_coverage_low", f"training targets cover {coverage:.0%} of the {vocab_size} ids "
-                         f"(over {scan.targets:,} targets): the other embeddings and output rows stay untrained",
-                         coverage=_sig(coverage), covered=round(coverage * vocab_size), vocab_size=vocab_size,
-                         samples_scanned=scan.samples, targets_scanned=scan.targets, dataset_len=scan.dataset_len)]
+LABEL_SHIFT = Check("labels_shift", lambda s: check_label_shift(s.batch))
+SPECIAL_TOKENS = Check("special_tokens_in_loss", lambda s: check_special_tokens(s.batch, s.special_token_ids))
+CAUSAL_LEAK = Check("causal_leak", lambda s: check_causal_leak(s.probe, s.batch), ("probe",))
+BATCH_LEAK = Check("batch_leak", lambda s: check_batch_leak(s.probe, s.batch), ("probe",))
+NONFINITE = Check("nonfinite", lambda s: check_nonfinite(s.report), ("report",))
+INIT_LOSS = Check("init_loss_high", lambda s: check_init_loss(s.report), ("report", "finite"))
+DEAD_PARAMS = Check("dead_params", lambda s: check_dead_params(s.probe, s.batch, s.report, s.loss), ("report", "finite"))
+GRAD_OUTLIER = Check("grad_outlier", lambda s: check_grad_outlier(s.report), ("report", "finite"))
+OVERFIT = Check("cannot_overfit", lambda s: check_overfit(s.probe, s.batch, s.overfit_steps, s.loss),
+                ("overfit", "probe"))  # the last model check: it trains the copy
+WINDOWS = Check("deterministic_windows", lambda s: check_deterministic_windows(s.dataset), ("dataset",))
+VOCAB_COVERAGE = Check("vocab_coverage_low", lambda s: check_vocab_coverage(s.scan, s.report.vocab_size),
+                       ("scan", "report"))
+DATA_SIZE = Check("data_too_small", lambda s: check_data_size(s.scan, _n_params(s.model)), ("scan",))
 
-
-def check_data_size(scan: DataScan, n_params: int) -> list[Finding]:
-    """data_too_small: len(dataset) x targets per sample vs trainable parameters."""
-    per_sample = scan.targets / max(scan.samples, 1)
-    tokens = scan.dataset_len * per_sample
-    ratio = tokens / max(n_params, 1)
-    if ratio >= TOKENS_PER_PARAM_MIN:
-        return []
-    return [make_finding("data_too_small", f"{tokens:,.0f} training tokens for {n_params:,} parameters "
-                         f"({ratio:.3f} tokens/param): use a smaller model or more data",
-                         tokens=int(tokens), params=n_params, tokens_per_param=_sig(ratio),
-                         dataset_len=scan.dataset_len, tokens_per_sample=_sig(per_sample),
-                         threshold=TOKENS_PER_PARAM_MIN)]
-
-
-# ---------------------------------------------------------------- all together
+MODEL_CHECKS = (CAUSAL_LEAK, BATCH_LEAK, NONFINITE, INIT_LOSS, DEAD_PARAMS, GRAD_OUTLIER, OVERFIT)
+DATA_CHECKS = (WINDOWS, VOCAB_COVERAGE, DATA_SIZE)
+PREFLIGHT_CHECKS = (LABEL_SHIFT, SPECIAL_TOKENS, *MODEL_CHECKS, *DATA_CHECKS)
 
 
 def preflight(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
     *,
+    loss: LossFn | None = None,
     special_token_ids: Sequence[int] = (),
     dataset: Any = None,
     overfit_steps: int = 0,
+    checks: Sequence[Check] = PREFLIGHT_CHECKS,
+    neg_inf_bad: bool = False,
 ) -> list[Finding]:
-    """Run every check on ``model`` (a deepcopy of it) and ``batch``; see the module docstring."""
+    """Run ``checks`` (default: every check) on ``model`` (a deepcopy of it) and ``batch``; see the module docstring.
+
+    ``loss(model, batch)`` is the loss the gradient and overfit checks train with; the default is token
+    cross-entropy of ``model(input_ids)`` over ``labels`` (`token_cross_entropy`), right for any model whose
+    forward takes the ids. A model family passes its own (its ``Task.loss``: codebook weights, z-loss, ...),
+    and every tensor of ``batch`` reaches it (cut to the first few samples).
+    """
     findings: list[Finding] = []
-
-    def run(name: str, check: Callable[..., list[Finding]], *args: Any) -> Any:
-        try:
-            findings.extend(check(*args))
-        except Exception as exc:  # a check that cannot run must not stop the others
-            findings.append(_check_failed(name, exc))
-
     first = batch["input_ids"] if isinstance(batch, Mapping) and "input_ids" in batch else None
     device = _model_device(model, first.device if torch.is_tensor(first) else torch.device("cpu"))
     with _preserved_rng(device):
         try:
-            batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items() if k in ("input_ids", "labels")}
-            batch["input_ids"] = batch["input_ids"].long()
+            batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+            for key in ("input_ids", "labels"):
+                if key in batch and not batch[key].is_floating_point():
+                    batch[key] = batch[key].long()
         except Exception as exc:
-            return [_check_failed("batch", exc)]
-        if "labels" in batch:
-            batch["labels"] = batch["labels"].long()
-        run("labels_shift", check_label_shift, batch)
-        run("special_tokens_in_loss", check_special_tokens, batch, special_token_ids)
-
-        report: StepReport | None = None
-        try:
-            probe: nn.Module | None = copy.deepcopy(model).float()
-            for p in probe.parameters():
-                p.grad = None
-        except Exception as exc:
-            probe = None
-            findings.append(_check_failed("copy_model", exc))
-        if probe is not None:
-            run("causal_leak", check_causal_leak, probe, batch)
-            run("batch_leak", check_batch_leak, probe, batch)
-            try:
-                report = gradient_step(probe, batch)
-            except Exception as exc:
-                findings.append(_check_failed("gradients", exc))
-            if report is not None:
-                before = len(findings)
-                run("nonfinite", check_nonfinite, report)
-                if len(findings) == before:  # with NaN about, the other numbers mean nothing
-                    run("init_loss_high", check_init_loss, report)
-                    run("dead_params", check_dead_params, probe, batch, report)
-                    run("grad_outlier", check_grad_outlier, report)
-            if overfit_steps > 0:
-                run("cannot_overfit", check_overfit, probe, batch, overfit_steps)  # last: it trains the copy
-            del probe
-
-        if dataset is not None:
-            run("deterministic_windows", check_deterministic_windows, dataset)
-            scan: DataScan | None = None
-            try:
-                scan = scan_dataset(dataset, report.vocab_size if report else None)
-            except Exception as exc:
-                findings.append(_check_failed("data_scan", exc))
-            if scan is not None:
-                if report is not None:
-                    run("vocab_coverage_low", check_vocab_coverage, scan, report.vocab_size)
-                n_params = sum(p.numel() for _, p in _trainable(model))
-                run("data_too_small", check_data_size, scan, n_params)
+            return [check_failed("batch", exc)]
+        subject = Subject(model, batch, loss=loss or token_cross_entropy, special_token_ids=special_token_ids,
+                          dataset=dataset, overfit_steps=overfit_steps, neg_inf_bad=neg_inf_bad, findings=findings)
+        model_done = max((i for i, c in enumerate(checks) if {"probe", "report", "finite"} & set(c.needs)), default=-1)
+        for i, check in enumerate(checks):
+            if subject.ready(check.needs):
+                try:
+                    findings.extend(check.run(subject))
+                except Exception as exc:  # a check that cannot run must not stop the others
+                    findings.append(check_failed(check.name, exc))
+            if i == model_done:
+                subject.release()
     return findings

@@ -7,7 +7,8 @@ A `Task` owns everything that depends on what the tokens (or frames) are:
 - ``configure``: fill the model config from the data (vocabulary size, codebooks, ...);
 - ``train_batch``: one random training batch (from the one windowing function);
 - ``loss``: the ONE loss function, used by training, evaluation and preflight;
-- ``evaluate``: validation figures on fixed windows (``val_loss`` and family extras);
+- ``val_batch`` + ``eval_sums`` / ``eval_metrics``: validation on fixed batches through the one eval
+  loop (`evaluate_task`: ``loss`` on every batch, ``val_loss`` a mean over targets, the family's extras);
 - ``demo``: samples written under the run's ``demos/`` (never raises into training);
 - ``describe_batch``: what ``data_step0.txt`` shows, so people look at step 0's data;
 - ``write_assets``: what the run dir needs to sample on its own (tokenizer, data.json);
@@ -31,6 +32,8 @@ from torch import nn
 
 from scratchlab.config import Config, ModelConfig
 from scratchlab.doctor.findings import Finding
+from scratchlab.doctor.preflight import preflight
+from scratchlab.loss import IGNORE_INDEX
 from scratchlab.runs.store import RunDir
 
 Batch = dict[str, torch.Tensor]
@@ -101,8 +104,32 @@ class Task(ABC):
     # -- evaluation, demos, checks
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, device: torch.device, precision: str) -> dict[str, float]:
-        """Validation metrics on fixed windows; must include ``val_loss``."""
+    def val_batch(self, index: int) -> Batch:
+        """The ``index``-th fixed validation batch (of ``cfg.eval.batches``), on the CPU; the same on every call."""
+
+    def eval_targets(self, batch: Batch) -> torch.Tensor | float:
+        """What one batch's ``loss`` is a mean over: ``val_loss`` = sum(loss x targets) / sum(targets).
+
+        Default: the targets in the loss (labels not IGNORE_INDEX), so ``val_loss`` is the mean over every
+        target of every batch (as the training loss is over one batch's); 1 without labels (a mean of batch means).
+        """
+        return (batch["labels"] != IGNORE_INDEX).sum() if "labels" in batch else 1.0
+
+    def eval_sums(self, batch: Batch, out: LossOutput) -> dict[str, Any]:
+        """The family's per-batch figures to be summed over the batches (tensors or numbers: the loop
+        converts each to a float once, at the end); ``out`` is ``loss`` on ``batch`` in eval mode."""
+        return {}
+
+    def eval_metrics(
+        self, sums: dict[str, float], model: nn.Module, device: torch.device, precision: str
+    ) -> dict[str, Any]:
+        """The family's eval figures from the summed ``eval_sums`` (and anything measured once, still in eval
+        mode without gradients); a ``val_loss`` here replaces the loop's (a family that pools differently)."""
+        return {}
+
+    def evaluate(self, model: nn.Module, device: torch.device, precision: str) -> dict[str, Any]:
+        """Validation metrics on the fixed batches (``val_loss`` first): the one eval loop, `evaluate_task`."""
+        return evaluate_task(self, model, device, precision)
 
     def demo(self, model: nn.Module, step: int, out_dir: Path, device: torch.device, precision: str) -> str | None:
         """Write demo samples for ``step`` under ``out_dir``; return text to show, or None."""
@@ -112,12 +139,58 @@ class Task(ABC):
         """Figures measured on the last demo (e.g. codebook coverage), logged as a metrics row."""
         return {}
 
+    def preflight_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        """The one loss as preflight calls it: on the doctor's fp32 copy of the model, in fp32."""
+        return self.loss(model, batch, "fp32")
+
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:
-        """The doctor's checks before step 0 that apply to this family.
+        """The doctor's checks before step 0 that apply to this family (default: every generic check, with
+        the family's loss). A family composes its own list from the doctor's units (``doctor.preflight.Check``).
 
         ``batch`` is the first training batch cut to a few samples (the trainer's PREFLIGHT_SAMPLES), on the device.
         """
-        return []
+        return preflight(model, batch, loss=self.preflight_loss, overfit_steps=self.cfg.doctor.overfit_steps)
+
+
+def _floats(values: list[Any]) -> list[float]:
+    """Per-batch figures as floats: tensors come to the host once (one stack), numbers as they are."""
+    if values and all(torch.is_tensor(v) for v in values):
+        return [float(v) for v in torch.stack([v.detach().reshape(()) for v in values]).tolist()]
+    return [float(v) for v in values]
+
+
+@torch.no_grad()
+def evaluate_task(task: Task, model: nn.Module, device: torch.device, precision: str) -> dict[str, Any]:
+    """The one eval loop of every family: ``task.loss`` on each fixed validation batch, in eval mode.
+
+    ``val_loss`` is the mean of the batches' losses weighted by their ``eval_targets``: with the default,
+    the mean over every target of every batch (not a mean of batch means). The family adds its figures:
+    ``eval_sums`` per batch (summed), then ``eval_metrics`` once (lm: bits per byte and output statistics;
+    codec: per-codebook losses; cascade: the copy baseline, RMS ratio, ...). The model's train/eval mode is
+    restored. Values reach the host once, at the end.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        losses: list[Any] = []
+        targets: list[Any] = []
+        sums: dict[str, list[Any]] = {}
+        for index in range(task.cfg.eval.batches):
+            batch = {k: v.to(device) for k, v in task.val_batch(index).items()}
+            out = task.loss(model, batch, precision)
+            losses.append(out.loss.detach())
+            targets.append(task.eval_targets(batch))
+            for key, value in task.eval_sums(batch, out).items():
+                sums.setdefault(key, []).append(value)
+        # Sums in float64, in batch order, once everything has run.
+        counts = _floats(targets)
+        weighted = sum(loss * n for loss, n in zip(_floats(losses), counts))
+        row: dict[str, Any] = {"val_loss": weighted / max(sum(counts), 1e-12)}
+        totals = {key: sum(_floats(values)) for key, values in sums.items()}
+        row.update(task.eval_metrics(totals, model, device, precision))
+    finally:
+        model.train(was_training)
+    return row
 
 
 @dataclass
@@ -167,7 +240,8 @@ class FamilySpec:
 
     ``sample`` turns a loaded run and a request into lines to print (text, or the paths it wrote);
     ``exporters`` maps a format name (``hf``) to its Exporter;
-    ``monitors`` builds the family's extra in-training monitors from the config.
+    ``monitors`` builds the family's own monitor units (doctor.monitors.Monitor) from the config; they run
+    after the generic ones, in training and in ``scratchlab doctor`` (registry.build_monitor).
     """
 
     name: str

@@ -11,6 +11,7 @@ import difflib
 from torch import nn
 
 from scratchlab.config import Config, ModelConfig
+from scratchlab.doctor.monitors import MonitorConfig, RunMonitor, configured_monitors
 from scratchlab.errors import UserError
 from scratchlab.families import cascade, codec, lm
 from scratchlab.families.base import FamilySpec, Task
@@ -36,3 +37,11 @@ def build_task(cfg: Config, announce=None) -> tuple[Config, Task]:
     """The family's task (its data loaded) and the config with data-dependent model fields filled in."""
     task = get_family(cfg.model.family).task(cfg, announce)
     return task.configure(cfg), task
+
+
+def build_monitor(cfg: Config) -> RunMonitor:
+    """The run's monitors: the generic ones (thresholds from the config's warmups), those its config turns
+    on, then its family's own units (``FamilySpec.monitors``)."""
+    spec = get_family(cfg.model.family)
+    family = spec.monitors(cfg) if spec.monitors is not None else []
+    return RunMonitor(MonitorConfig.from_config(cfg), extra=[*configured_monitors(cfg), *family])

@@ -37,7 +37,6 @@ from scratchlab.doctor.findings import (
     sort_findings,
     write_findings,
 )
-from scratchlab.doctor.monitors import MonitorConfig, RunMonitor
 from scratchlab.doctor.probes import (
     UPDATE_RATIO_KEYS,
     guilty_parameters,
@@ -76,7 +75,7 @@ from scratchlab.train.distributed import (
     wrap_model,
 )
 from scratchlab.families.base import Task
-from scratchlab.families.registry import build_model, build_task
+from scratchlab.families.registry import build_model, build_monitor, build_task
 from scratchlab.train.optim import build_optimizer, clip_threshold_at, lr_at
 from scratchlab.train.progress import Reporter
 
@@ -190,7 +189,7 @@ class Trainer:
         self.prior_wall = 0.0  # wall time of earlier segments of a resumed run
         self._t0 = time.time()
         self._interval_tokens, self._interval_start = 0, time.perf_counter()  # for tokens_per_s rows
-        self.monitor = RunMonitor(MonitorConfig.from_config(cfg)) if cfg.doctor.monitors else None
+        self.monitor = build_monitor(cfg) if cfg.doctor.monitors else None  # generic + the family's monitors
         self.metrics: MetricsLogger | None = None  # set by fit(); findings also go to its tracker sinks
         if resume_from is not None:
             self._restore(resume_from)
@@ -357,7 +356,7 @@ class Trainer:
         else:
             self.guilty = guilty_parameters(self.model)  # before zero_grad drops the evidence
         # A gradient above the doctor's grad_norm_max: name the parameters now, before zero_grad drops them.
-        bound = self.monitor.config.grad_norm_max if self.monitor is not None else 0.0
+        bound = self.monitor.grad_norm_max if self.monitor is not None else 0.0
         grad_top = guilty_parameters(self.model) if finite and 0 < bound < grad_norm else None
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":

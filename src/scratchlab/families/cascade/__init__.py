@@ -2,6 +2,7 @@
 
 from scratchlab.families.base import FamilySpec
 from scratchlab.families.cascade.model import CascadeModel
+from scratchlab.families.cascade.monitors import monitors
 from scratchlab.families.cascade.sampler import sample
 from scratchlab.families.cascade.task import CascadeTask
 
@@ -11,5 +12,6 @@ SPEC = FamilySpec(
     task=CascadeTask,
     sample=sample,
     config_section="cascade",
+    monitors=monitors,
     description="continuous-signal cascade: stages of causal decoder blocks over float frames",
 )

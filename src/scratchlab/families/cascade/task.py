@@ -13,7 +13,7 @@ The one loss (`signal_losses`), used by training, evaluation and preflight alike
 The objective is ``recon + model.cascade.novelty_weight x novelty``; both terms are logged
 (``recon``, ``novelty``; ``val_recon``, ``val_novelty``).
 
-Eval rows also carry the monitors' measurements (doctor/monitors.py, thresholds doctor.signal):
+Eval rows also carry the monitors' measurements (families/cascade/monitors.py, thresholds doctor.signal):
 ``val_rms_ratio`` (output RMS / target RMS), ``val_output_std_ratio`` (std over time of the output /
 of the target, per window and feature), ``val_input_corr`` (correlation of the output with the last
 input frame, per window and feature, centred over time; ``val_target_input_corr`` is the same for the
@@ -25,7 +25,6 @@ attribution the findings carry).
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +42,14 @@ from scratchlab.families.cascade.data import (
     window_of,
 )
 from scratchlab.doctor.findings import Finding
+from scratchlab.doctor.preflight import preflight
+from scratchlab.families.cascade.checks import preflight_checks
 from scratchlab.errors import UserError
 from scratchlab.runs.store import RunDir
 from scratchlab.families.base import Batch, LossOutput, Task
 from scratchlab.runtime import autocast
 
 GRAD_TOP = 5
-SCALAR_NUMEL = 8  # preflight judges gradient outliers among parameters with fewer values than this
 EPS = 1e-12
 
 
@@ -69,25 +69,6 @@ def grad_top(model: nn.Module, objective: torch.Tensor, k: int = GRAD_TOP) -> tu
     total = math.sqrt(sum(v * v for _, v in norms)) if all(math.isfinite(v) for _, v in norms) else math.inf
     norms.sort(key=lambda item: -item[1] if math.isfinite(item[1]) else -math.inf)
     return total, [{"name": n, "grad_norm": v if math.isfinite(v) else str(v)} for n, v in norms[:k]]
-
-
-class _WindowForward(nn.Module):
-    """model(frames [B, T + h, F]) -> predictions [B, T, F], through `make_pairs`: what preflight perturbs.
-
-    Perturbing frame j of the window changes the input at j and the context at j (context[t] =
-    target[t - h] = frame[t]); a causal model's outputs before j stay exactly the same. A model fed
-    the current target (context[t] = target[t] = frame[t + h]) changes its output at j - h: a leak.
-    """
-
-    def __init__(self, model: nn.Module, horizon: int) -> None:
-        super().__init__()
-        self.model, self.horizon = model, horizon
-
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        from scratchlab.families.cascade.data import make_pairs
-
-        pairs = make_pairs(frames, self.horizon)
-        return self.model(pairs["inputs"], pairs["context"])
 
 
 class CascadeTask(Task):
@@ -174,35 +155,22 @@ class CascadeTask(Task):
 
     # -- evaluation, demos, checks
 
-    def evaluate(self, model: nn.Module, device: torch.device, precision: str) -> dict:
-        was_training = model.training
-        model.eval()
-        c = self.cfg.model.cascade
-        sums = dict(recon=0.0, novelty=0.0, copy=0.0, pred_sq=0.0, tgt_sq=0.0, pred_std=0.0, tgt_std=0.0,
-                    xy=0.0, xx=0.0, pp=0.0, tx=0.0, tt=0.0)
+    def eval_targets(self, batch: Batch) -> float:
+        return 1.0  # val_loss is the mean of the batches' reconstruction losses
+
+    def eval_sums(self, batch: Batch, out: LossOutput) -> dict:
+        pred, x, y = out.outputs.float(), batch["inputs"].float(), batch["targets"].float()
+        copy_rec, _ = signal_losses(x, batch, self.cfg.model.cascade.recon)
+        # Correlation with the last input frame, per window and feature, centred over time.
+        pc, xc, yc = (t - t.mean(dim=1, keepdim=True) for t in (pred, x, y))
+        return dict(recon=out.loss, novelty=out.logged["novelty"], copy=copy_rec, pred_sq=pred.pow(2).mean(),
+                    tgt_sq=y.pow(2).mean(), pred_std=pred.std(dim=1).mean(), tgt_std=y.std(dim=1).mean(),
+                    xy=(pc * xc).sum(), xx=xc.pow(2).sum(), pp=pc.pow(2).sum(), tx=(yc * xc).sum(),
+                    tt=yc.pow(2).sum())
+
+    def eval_metrics(self, sums: dict[str, float], model: nn.Module, device: torch.device, precision: str) -> dict:
         n = self.cfg.eval.batches
-        with torch.no_grad():
-            for i in range(n):
-                batch = {k: v.to(device) for k, v in self.val_batch(i).items()}
-                out = self.loss(model, batch, precision)
-                pred, x, y = out.outputs.float(), batch["inputs"].float(), batch["targets"].float()
-                copy_rec, _ = signal_losses(x, batch, c.recon)
-                sums["recon"] += float(out.loss)
-                sums["novelty"] += out.logged["novelty"]
-                sums["copy"] += float(copy_rec)
-                sums["pred_sq"] += float(pred.pow(2).mean())
-                sums["tgt_sq"] += float(y.pow(2).mean())
-                sums["pred_std"] += float(pred.std(dim=1).mean())
-                sums["tgt_std"] += float(y.std(dim=1).mean())
-                # Correlation with the last input frame, per window and feature, centred over time.
-                pc, xc, yc = (t - t.mean(dim=1, keepdim=True) for t in (pred, x, y))
-                sums["xy"] += float((pc * xc).sum())
-                sums["xx"] += float(xc.pow(2).sum())
-                sums["pp"] += float(pc.pow(2).sum())
-                sums["tx"] += float((yc * xc).sum())
-                sums["tt"] += float(yc.pow(2).sum())
         row = {
-            "val_loss": sums["recon"] / n,
             "val_recon": sums["recon"] / n,
             "val_novelty": sums["novelty"] / n,
             "val_copy_baseline": sums["copy"] / n,
@@ -221,7 +189,6 @@ class CascadeTask(Task):
         scalars = getattr(model, "rms_scalars", None)
         if callable(scalars):
             row.update(scalars())
-        model.train(was_training)
         return row
 
     def demo(self, model: nn.Module, step: int, out_dir: Path, device: torch.device, precision: str) -> str | None:
@@ -245,73 +212,7 @@ class CascadeTask(Task):
         return dict(self._demo_metrics)
 
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:
-        """causal_leak and batch_leak through `make_pairs` (frames in, predictions out), then one backward:
-        non-finite values and gradient outliers (the learnable RMS scalars show here)."""
-        import copy
-
-        import importlib
-
-        pf = importlib.import_module("scratchlab.doctor.preflight")  # the module (the package exports a function)
-
-        findings: list[Finding] = []
-        probe = copy.deepcopy(model).float()
-        frames = {"input_ids": window_of(batch, self.horizon).float()}
-        wrapped = _WindowForward(probe, self.horizon)
-        with pf._preserved_rng(frames["input_ids"].device):
-            for name, check in (("causal_leak", pf.check_causal_leak), ("batch_leak", pf.check_batch_leak)):
-                try:
-                    findings += check(wrapped, frames)
-                except Exception as exc:  # noqa: BLE001 - a check that cannot run says so
-                    findings.append(pf._check_failed(name, exc))
-            try:
-                findings += self._gradient_checks(probe, batch, pf)
-            except Exception as exc:  # noqa: BLE001
-                findings.append(pf._check_failed("gradients", exc))
-        return findings
-
-    def _gradient_checks(self, model: nn.Module, batch: Batch, pf) -> list[Finding]:
-        model.train()
-        model.zero_grad(set_to_none=True)
-        out = self.loss(model, {k: v.float() for k, v in batch.items()}, "fp32")
-        if out.objective.requires_grad:
-            out.objective.backward()
-        pred = out.outputs.detach()
-        with torch.no_grad():
-            bad = ~pred.isfinite()
-            trainable = {id(p) for p in model.parameters() if p.requires_grad}
-            params = [pf._param_grad(n, p, id(p) in trainable) for n, p in model.named_parameters()]
-        report = pf.StepReport(
-            loss=float(out.objective.detach()), vocab_size=0, logit_std=float(pred[~bad].std()) if (~bad).sum() > 1
-            else math.nan, logits_nan=int(pred.isnan().sum()), logits_posinf=int(pred.isinf().sum()),
-            logits_neginf=0, first_bad_logit=bad.nonzero()[0].tolist()[:-1] if bool(bad.any()) else None,
-            loss_has_grad=out.objective.requires_grad, params=params)
-        model.zero_grad(set_to_none=True)
-        return pf.check_nonfinite(report) or self._scalar_outliers(report, pf)
-
-    @staticmethod
-    def _scalar_outliers(report, pf) -> list[Finding]:
-        """grad_outlier among scalar-like parameters (< SCALAR_NUMEL values) against the median of all.
-
-        The field notes' failure is learnable scalars (their gradient sums over every output value).
-        Measured at init on cascade-tiny: the last stage's head and input projection reach ~400x and
-        ~200x the median per-element gradient RMS (dense regression layers behind the RMS rescale; the
-        run trains fine), while a learnable log-gain reaches ~750x: so only scalars are judged here.
-        """
-        from scratchlab.doctor.findings import make_finding
-
-        live = [p for p in report.params if p.grad == "ok"]
-        if len(live) < 3:
-            return []
-        median = statistics.median(p.grad_norm / math.sqrt(p.numel) for p in live)
-        rows = sorted(((p.grad_norm / math.sqrt(p.numel) / median, p) for p in live
-                       if p.numel < SCALAR_NUMEL and median > 0), key=lambda r: -r[0])
-        rows = [(ratio, p) for ratio, p in rows if ratio >= pf.GRAD_OUTLIER_RATIO]
-        if not rows:
-            return []
-        top = [dict(name=p.name, numel=p.numel, grad_rms=pf._sig(p.grad_norm / math.sqrt(p.numel)),
-                    rms_ratio=pf._sig(ratio)) for ratio, p in rows[:5]]
-        return [make_finding("grad_outlier", f"'{top[0]['name']}' gets gradients {rows[0][0]:.0f}x the median "
-                             "parameter's: fix that scale instead of learning it (model.cascade.rms_scaling=fixed), "
-                             "or keep its own lower LR and clip (model.cascade.scale_lr_mult, scale_max_norm)",
-                             top=top, count=len(rows), median_grad_rms=pf._sig(median),
-                             threshold=pf.GRAD_OUTLIER_RATIO, scalar_numel_below=SCALAR_NUMEL)]
+        """causal_leak and batch_leak through `make_pairs` (frames in, predictions out), then one backward of
+        the family loss: non-finite values and gradient outliers among scalars (the learnable RMS scalars)."""
+        return preflight(model, batch, loss=self.preflight_loss, checks=preflight_checks(self.horizon),
+                         neg_inf_bad=True)

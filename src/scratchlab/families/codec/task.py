@@ -20,8 +20,10 @@ from torch import nn
 from scratchlab.config import Config
 from scratchlab.families.codec.conditioning import decode_condition
 from scratchlab.doctor.findings import Finding
+from scratchlab.doctor.data_checks import check_deterministic_windows
+from scratchlab.doctor.preflight import LABEL_SHIFT, MODEL_CHECKS, SPECIAL_TOKENS, Check, preflight
 from scratchlab.errors import UserError
-from scratchlab.loss import IGNORE_INDEX, codebook_loss, token_loss
+from scratchlab.loss import IGNORE_INDEX, codebook_loss
 from scratchlab.runs.store import RunDir
 from scratchlab.families.base import Batch, LossOutput, Task
 from scratchlab.families.codec.patterns import pattern_for
@@ -149,30 +151,32 @@ class CodecTask(Task):
 
     # -- evaluation, demos, checks
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: torch.device, precision: str) -> dict[str, float]:
-        """Per-codebook val loss (nats per target) and output entropy on fixed windows; val_loss is their weighted mean."""
-        was_training = model.training
-        model.eval()
-        e, K = self.cfg.eval, self.cfg.model.codec.n_codebooks
-        nats, counts, entropy = np.zeros(K), np.zeros(K), np.zeros(K)
-        for i in range(e.batches):
-            batch = {k: v.to(device) for k, v in self._batch("val", e.batch_size, "fixed", batch_index=i).items()}
-            logits = self._forward(model, batch, precision).float()
-            labels = batch["labels"]
-            for k in range(K):
-                kept = labels[..., k] != IGNORE_INDEX
-                losses = token_loss(logits[..., k, :], labels[..., k], reduction="none")
-                nats[k] += float(losses.sum())
-                counts[k] += int(kept.sum())
-                logp = torch.log_softmax(logits[..., k, :][kept], dim=-1)
-                entropy[k] += float(-(logp.exp() * logp).sum())
-        model.train(was_training)
+    def val_batch(self, index: int) -> Batch:
+        return self._batch("val", self.cfg.eval.batch_size, "fixed", batch_index=index)
+
+    def eval_sums(self, batch: Batch, out: LossOutput) -> dict:
+        """Per codebook: the family loss's ``loss_cb{k}`` times its targets (nats), the targets, the entropy sum."""
+        logits, labels = out.outputs.float(), batch["labels"]
+        sums = {}
+        for k in range(labels.shape[-1]):
+            kept = labels[..., k] != IGNORE_INDEX
+            count = kept.sum()
+            sums[f"nats_cb{k}"] = out.logged[f"loss_cb{k}"] * count
+            sums[f"targets_cb{k}"] = count
+            logp = torch.log_softmax(logits[..., k, :][kept], dim=-1)
+            sums[f"entropy_cb{k}"] = -(logp.exp() * logp).sum()
+        return sums
+
+    def eval_metrics(self, sums: dict[str, float], model: nn.Module, device: torch.device, precision: str) -> dict:
+        """Per-codebook val loss (nats per target) and output entropy; val_loss is their weighted mean (pooled
+        over every batch, weighted like the loss: ``model.codec.codebook_weights``)."""
+        K = self.cfg.model.codec.n_codebooks
+        nats, counts, entropy = (np.array([sums[f"{name}_cb{k}"] for k in range(K)])
+                                 for name in ("nats", "targets", "entropy"))
         per_cb = nats / np.maximum(counts, 1)
         weights = np.array(self.cfg.model.codec.codebook_weights or [1.0] * K)
         present = counts > 0
-        val_loss = float((weights * per_cb)[present].sum() / max(weights[present].sum(), 1e-12))
-        out = {"val_loss": val_loss}
+        out = {"val_loss": float((weights * per_cb)[present].sum() / max(weights[present].sum(), 1e-12))}
         out.update({f"val_loss_cb{k}": float(per_cb[k]) for k in range(K)})
         out.update({f"val_entropy_cb{k}": float(entropy[k] / max(counts[k], 1)) for k in range(K)})
         out["val_entropy"] = float(entropy.sum() / max(counts.sum(), 1))
@@ -227,19 +231,16 @@ class CodecTask(Task):
         return self._demo_metrics
 
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:
-        """The doctor's model and batch checks on the decoder (the condition held fixed: unconditional)."""
-        from scratchlab.doctor.preflight import preflight
-
-        from scratchlab.doctor.preflight import check_deterministic_windows
-
+        """The generic batch and model checks with the family loss (codebook weights, the batch's conditions; the
+        leak checks perturb the codes with the condition left out), then the crop that training uses."""
         special = [self.cfg.model.codec.codebook_size + i for i in range(3)]
-        # BOS/PAD may never be targets; EOS is a real target (the data layer keeps it), so only BOS/PAD are checked.
-        findings = preflight(_Unconditioned(model), {"input_ids": batch["input_ids"], "labels": batch["labels"]},
-                             special_token_ids=special[:2], overfit_steps=self.cfg.doctor.overfit_steps)
         # Field note: an inverted crop flag fed every clip's first seconds. Test the crop training uses.
-        findings += check_deterministic_windows(CropProbe(self.data, self.cfg.train.seq_len, self.pattern,
-                                                          self.cfg.train.seed))
-        return findings
+        crops = CropProbe(self.data, self.cfg.train.seq_len, self.pattern, self.cfg.train.seed)
+        checks = (LABEL_SHIFT, SPECIAL_TOKENS, *MODEL_CHECKS,
+                  Check("deterministic_windows", lambda _: check_deterministic_windows(crops)))
+        # BOS/PAD may never be targets; EOS is a real target (the data layer keeps it), so only BOS/PAD are checked.
+        return preflight(model, batch, loss=self.preflight_loss, special_token_ids=special[:2],
+                         overfit_steps=self.cfg.doctor.overfit_steps, checks=checks)
 
 
 class CropProbe:
@@ -254,15 +255,5 @@ class CropProbe:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict:
-        return self.data.random_window(self.ids[index], self.window, self.pattern, self.generator)
-
-
-class _Unconditioned(nn.Module):
-    """The model as ids -> logits (what the generic checks call), with the empty condition."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.model(codes)
+        item = self.data.random_window(self.ids[index], self.window, self.pattern, self.generator)
+        return {**item, "crop_len": self.window}  # the frames a crop covers (the stream adds delays and EOS)

@@ -12,13 +12,14 @@ from scratchlab.config import Config
 from scratchlab.data.text import TextData, load_tokenizer, open_text_data, prepare_stdlib
 from scratchlab.data.windows import WindowDataset, get_batch
 from scratchlab.doctor.findings import Finding
+from scratchlab.doctor.preflight import preflight
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, token_loss, z_loss
 from scratchlab.runs.store import RunDir
 from scratchlab.families.lm.sampler import generate
 from scratchlab.families.base import Batch, LossOutput, Task
 from scratchlab.runtime import autocast
-from scratchlab.families.lm.evaluate import evaluate
+import scratchlab.families.lm.evaluate as lm_eval
 
 
 def load_text_data(cfg: Config, announce=None) -> TextData:
@@ -34,6 +35,7 @@ class LMTask(Task):
         super().__init__(cfg, announce)
         self.data = load_text_data(cfg, announce)
         self._tokenizer = None
+        self._byte_table: torch.Tensor | None = None  # bytes per token id on the eval device (bits per byte)
         if cfg.train.seq_len + 1 > len(self.data.val):
             raise UserError(
                 f"train.seq_len ({cfg.train.seq_len}) needs at least seq_len+1 validation tokens, the data has "
@@ -111,14 +113,19 @@ class LMTask(Task):
 
     # -- evaluation, demos, checks
 
-    def evaluate(self, model: nn.Module, device: torch.device, precision: str) -> dict[str, float]:
+    def val_batch(self, index: int) -> Batch:
         e = self.cfg.eval
-        stats: dict[str, float] = {}
-        val_loss, val_bpb = evaluate(
-            model, self.data.val, self.data.token_bytes, self.cfg.train.seq_len, e.batch_size, e.batches,
-            device, precision, stats=stats,
-        )
-        return {"val_loss": val_loss, "val_bpb": val_bpb, **stats}
+        return get_batch(self.data.val, self.cfg.train.seq_len, e.batch_size, "fixed", batch_index=index,
+                         count=e.batches * e.batch_size)
+
+    def eval_sums(self, batch: Batch, out: LossOutput) -> dict:
+        device = batch["labels"].device
+        if self._byte_table is None or self._byte_table.device != device:
+            self._byte_table = lm_eval.byte_table(self.data.token_bytes, device)
+        return lm_eval.batch_sums(out.outputs, batch["labels"], self._byte_table)
+
+    def eval_metrics(self, sums: dict[str, float], model: nn.Module, device: torch.device, precision: str) -> dict:
+        return lm_eval.metrics(sums, model, lambda: self.val_batch(0), device, precision)
 
     def demo(self, model: nn.Module, step: int, out_dir: Path, device: torch.device, precision: str) -> str | None:
         d, tokenizer = self.cfg.demo, self.tokenizer
@@ -138,8 +145,7 @@ class LMTask(Task):
         return text
 
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:
-        from scratchlab.doctor.preflight import preflight
-
+        """Every generic check with the family loss (z-loss included), the training windows as the dataset."""
         cfg = self.cfg
         dataset = WindowDataset(self.data.train, cfg.train.seq_len, "random", seed=cfg.train.seed)
-        return preflight(model, batch, dataset=dataset, overfit_steps=cfg.doctor.overfit_steps)
+        return preflight(model, batch, loss=self.preflight_loss, dataset=dataset, overfit_steps=cfg.doctor.overfit_steps)
