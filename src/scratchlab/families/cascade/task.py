@@ -137,9 +137,9 @@ class CascadeTask(Task):
 
     # -- batches and the loss
 
-    def train_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+    def train_batch(self, batch_size: int, generator: torch.Generator, rows: slice | None = None) -> Batch:
         return get_pairs(self.data.train, self.cfg.train.seq_len, self.horizon, batch_size, "random",
-                         generator=generator)
+                         generator=generator, rows=rows)
 
     def val_batch(self, index: int) -> Batch:
         e = self.cfg.eval
@@ -152,7 +152,7 @@ class CascadeTask(Task):
             pred = model(batch["inputs"], batch["context"])
         recon, novelty = signal_losses(pred, batch, c.recon)
         objective = recon + c.novelty_weight * novelty
-        logged = {"recon": recon.item(), "novelty": novelty.item()}
+        logged = {"recon": recon.detach(), "novelty": novelty.detach()}
         scalars = getattr(model, "rms_scalars", None)
         if callable(scalars):  # learnable RMS scaling: watch the scalars the field notes saw explode
             logged.update(scalars())
@@ -188,7 +188,7 @@ class CascadeTask(Task):
                 pred, x, y = out.outputs.float(), batch["inputs"].float(), batch["targets"].float()
                 copy_rec, _ = signal_losses(x, batch, c.recon)
                 sums["recon"] += float(out.loss)
-                sums["novelty"] += out.logged["novelty"]
+                sums["novelty"] += float(out.logged["novelty"])
                 sums["copy"] += float(copy_rec)
                 sums["pred_sq"] += float(pred.pow(2).mean())
                 sums["tgt_sq"] += float(y.pow(2).mean())
@@ -220,7 +220,7 @@ class CascadeTask(Task):
         row["grad_top"] = top
         scalars = getattr(model, "rms_scalars", None)
         if callable(scalars):
-            row.update(scalars())
+            row.update({k: float(v) for k, v in scalars().items()})
         model.train(was_training)
         return row
 
