@@ -3,7 +3,22 @@
 Usage::
 
     python benchmarks/train_throughput.py [--preset tiny-lm] [--steps N] [--warmup N] [--json] [section.key=value ...]
-    python benchmarks/train_throughput.py --gpu-124m [--gpu h100] [section.key=value ...]   # on a CUDA GPU
+    python benchmarks/train_throughput.py --gpu-124m [--reference] [--gpu h100] [section.key=value ...]   # on a GPU
+    python benchmarks/train_throughput.py --dia [section.key=value ...]                                   # on a GPU
+    python benchmarks/train_throughput.py --ab-against /tmp/before/src [--rounds 3] [args ...]            # A/B
+
+``--reference`` also trains a plain PyTorch GPT-2 written in this file (nanoGPT's model: learned
+positions, LayerNorm, GELU MLP, tied head; the cross-entropy inside its compiled forward; fused
+AdamW; no host read per step) of the same shape, batch and precision, alternating blocks of steps
+with ours in the same run, and prints ours / reference (tokens/s).
+
+``--dia`` is the ``dia`` preset (18 x 2048 decoder, K = 9 codebooks of 1024, text encoder; 1.3B)
+on generated codes (``data.path=synthetic:...,K=9,codebook=1024``), bf16, compiled: frames/s,
+codes/s (x K) and MFU (``flops_per_token`` of the codec model is per frame).
+
+``--ab-against SRC`` runs this same benchmark in subprocesses, alternately with ``PYTHONPATH=SRC``
+(e.g. ``git worktree add /tmp/before <commit>``, then ``/tmp/before/src``) and with this checkout's
+``src``, ``--rounds`` times, and prints the tokens/s of each and their ratio (first precision only).
 
 ``--gpu-124m`` is the GPU benchmark of issue 8: a 123.6M-parameter dense decoder (GPT-2 small's
 shape: 12 layers, d_model 768, 12 heads, vocab 50304, tied embeddings; SwiGLU at 2/3 of 4x width
@@ -18,14 +33,16 @@ What it measures, for each precision (fp32 and bf16 autocast; bf16 is skipped wi
 the device cannot run it):
 
 - **tokens/s of full training steps**: the trainer's own step (``Trainer.train_step`` in
-  ``scratchlab.train.loop``, minus data loading and logging): forward under ``autocast``,
-  ``token_loss``, backward, ``loss.item()``, gradient-norm clipping and the AdamW step of
-  ``build_optimizer`` (fused on CUDA, as the trainer does), on random token batches of
-  ``train.batch_size x train.seq_len`` (``train.grad_accum`` micro-batches per step). Each
-  precision trains its own model, built from the same seed. Each step is timed on its own (the
-  device synchronised); the figure is the median over ``--steps`` timed steps that follow
-  ``--warmup`` untimed ones. Steps of the two precisions alternate, so that other load on the
-  machine slows both alike and their ratio stays fair.
+  ``scratchlab.train.loop``, a ``Trainer`` built as a run builds it): the task's loss compiled
+  with the model (``train.compile``), backward, gradient-norm clipping, the fused AdamW step,
+  the next batch drawn on the data worker thread, a log row every ``train.log_every`` steps
+  (written nowhere); no evals, demos or checkpoints. The lm family trains on random tokens of
+  ``train.batch_size x train.seq_len`` (``RandomTokens``: the lm task's loss, no corpus); other
+  families on their own task. Each precision trains its own model, built from the same seed.
+  Steps run in blocks of BLOCK_STEPS back to back (the device synchronised at the ends of a
+  block only, so host work overlaps device work as in a run); the figure is the median over the
+  blocks of ``--steps`` timed steps that follow ``--warmup`` untimed ones. Blocks of the
+  sessions alternate, so that other load on the machine slows all alike and ratios stay fair.
 - **achieved FLOP/s** = ``model.flops_per_token(seq_len) x tokens/s``: 6 x non-embedding
   parameters (the output head included) + the attention term, per PaLM's appendix B. Attention
   is counted over the full T x T matrix, as that formula does, although causal attention needs
