@@ -297,3 +297,34 @@ def test_linear_token_loss_equals_the_plain_path():
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads[1], weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(compiler_missing(torch.device("cpu")) is not None, reason="torch.compile on CPU needs a C++ compiler")
+def test_the_compiled_loss_holds_no_fp32_copy_of_bf16_logits():
+    """token_loss's .float() is fused into the cross-entropy kernels: forward and backward allocate no fp32 [N, V]."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    N, D, V = 64, 32, 1000
+    hidden = torch.randn(N, D, requires_grad=True)
+    weight = torch.randn(V, D, requires_grad=True)
+    labels = torch.randint(0, V, (N,))
+
+    def loss_of(hidden, weight, labels):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = hidden @ weight.T
+        return token_loss(logits, labels)
+
+    def step():
+        loss = torch.compile(loss_of)(hidden, weight, labels)
+        loss.backward()
+        return loss
+
+    loss, codes = run_and_get_code(step)
+    big = [buf for code in codes for buf in
+           re.findall(r"empty_strided_cpu\(\((\d+), (\d+)\), \(\d+, \d+\), torch\.(\w+)\)", code)
+           if int(buf[0]) * int(buf[1]) >= N * V]
+    assert big and all(dtype == "bfloat16" for _, _, dtype in big), big  # the bf16 logits only
+    assert math.isfinite(float(loss)) and weight.grad is not None
