@@ -198,6 +198,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="A/B: run this benchmark in subprocesses alternating PYTHONPATH=SRC (e.g. a worktree "
                         "of the previous commit's src) and this checkout's src; print the tokens/s ratio")
     parser.add_argument("--rounds", type=int, default=3, help="--ab-against: subprocess pairs (default: 3)")
+    parser.add_argument("--ce", default="", metavar="ROWSxDxVOCAB",
+                        help="only time the output layer + cross-entropy (forward and backward) at this size, e.g. "
+                        "2048x768x50304: eager, compiled (the trainer's path) and torch's chunked "
+                        "linear_cross_entropy")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.matmul_size < 0:
         parser.error("--steps must be >= 1; --warmup and --matmul-size >= 0")
@@ -467,6 +471,44 @@ class ReferenceSession:
 
 
 
+# ---------------------------------------------------------------- the output layer and its loss alone
+
+
+def time_cross_entropy(spec: str, device: torch.device, precision: str, reps: int = 5) -> dict[str, float]:
+    """Seconds (median of ``reps``) of hidden @ W.T + cross-entropy, forward and backward, three ways."""
+    from scratchlab.loss import linear_token_loss, token_loss
+
+    rows, d, vocab = (int(x) for x in spec.lower().split("x"))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, d, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(vocab, d, generator=g) * 0.02).to(device).requires_grad_()
+    labels = torch.randint(0, vocab, (rows,), generator=g).to(device)
+
+    def plain(h, w, y):
+        with autocast(device, precision):
+            logits = h @ w.T
+        return token_loss(logits, y)
+
+    def chunked(h, w, y):
+        with autocast(device, precision):
+            return linear_token_loss(h, w, y)
+
+    variants = {"eager": plain, "compiled": torch.compile(plain), "chunked linear_cross_entropy": chunked}
+    out: dict[str, float] = {}
+    for name, fn in variants.items():
+        seconds = []
+        for i in range(reps + 1):  # the first call compiles / warms up
+            hidden.grad = weight.grad = None
+            synchronize(device)
+            started = time.perf_counter()
+            fn(hidden, weight, labels).backward()
+            synchronize(device)
+            if i:
+                seconds.append(time.perf_counter() - started)
+        out[name] = statistics.median(seconds)
+    return out
+
+
 # ---------------------------------------------------------------- matmul ceiling
 
 
@@ -567,18 +609,20 @@ def fmt_flops(value: float) -> str:
 
 def print_header(console: Console, report: dict[str, Any]) -> None:
     env, model, bench = report["env"], report["model"], report["bench"]
+    unit = model.get("unit", "tokens")
     console.print(f"[bold]device[/] {env['device']} ({env.get('gpu', env['cpu'])})")
     console.print(f"[bold]torch[/] {env['torch']}, {env['threads']} threads "
                   f"({bench['cores_used']:.2f} cores of CPU time while training)", end="")
     console.print(f", host CPU {env['cpu']}" if "gpu" in env else "")
     console.print(
         f"[bold]model[/] {report['preset']}: {model['params'] / 1e6:.2f}M params "
-        f"({model['non_embedding_params'] / 1e6:.2f}M non-embedding), vocab {model['vocab_size']}, "
-        f"{model['flops_per_token'] / 1e6:.1f} MFLOP/token"
+        f"({model['non_embedding_params'] / 1e6:.2f}M non-embedding), "
+        + (f"vocab {model['vocab_size']}, " if unit == "tokens" else f"K={model['codes_per_frame']} codebooks, ")
+        + f"{model['flops_per_token'] / 1e6:.1f} MFLOP/{unit[:-1]}"
     )
     console.print(
-        f"[bold]batch[/] {model['batch_size']} x {model['seq_len']} tokens x {model['grad_accum']} accum = "
-        f"{model['tokens_per_step']:,} tokens/step; {bench['warmup']} warmup + {bench['steps']} timed steps"
+        f"[bold]batch[/] {model['batch_size']} x {model['seq_len']} {unit} x {model['grad_accum']} accum = "
+        f"{model['tokens_per_step']:,} {unit}/step; {bench['warmup']} warmup + {bench['steps']} timed steps"
     )
     console.print(f"train.precision=auto picks {env['auto_precision']} here; fp32 matmul precision "
                   f"'{env['fp32_matmul_precision']}'; torch.compile {'on' if bench.get('compile') else 'off'}")
@@ -767,6 +811,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     progress = Console(stderr=True, style="dim")
+    if args.ce:
+        cfg = bench_config(args.preset, args.overrides)
+        device, precision = resolve_device(cfg.train.device), args.precisions[0]
+        seconds = time_cross_entropy(args.ce, device, precision)
+        base = seconds["compiled"]
+        print(f"output layer + cross-entropy {args.ce} ({precision}, {device}), forward + backward:")
+        for name, value in seconds.items():
+            print(f"  {name:30} {value * 1e3:9,.1f} ms  ({base / value:.2f}x the compiled path's speed)")
+        return 0
     if args.ab_against:
         try:
             result = ab_compare(args, argv, progress)
