@@ -16,9 +16,10 @@ with ours in the same run, and prints ours / reference (tokens/s).
 on generated codes (``data.path=synthetic:...,K=9,codebook=1024``), bf16, compiled: frames/s,
 codes/s (x K) and MFU (``flops_per_token`` of the codec model is per frame).
 
-``--ab-against SRC`` runs this same benchmark in subprocesses, alternately with ``PYTHONPATH=SRC``
-(e.g. ``git worktree add /tmp/before <commit>``, then ``/tmp/before/src``) and with this checkout's
-``src``, ``--rounds`` times, and prints the tokens/s of each and their ratio (first precision only).
+``--ab-against SRC`` runs the trainer's step in two processes side by side, one with
+``PYTHONPATH=SRC`` (e.g. ``git worktree add /tmp/before <commit>``, then ``/tmp/before/src``), one
+with this checkout's ``src``, timing blocks of steps in turn (``--rounds`` x ``--steps`` steps each),
+and prints the median tokens/s of each and the block-by-block ratios (first precision only).
 
 ``--gpu-124m`` is the GPU benchmark of issue 8: a 123.6M-parameter dense decoder (GPT-2 small's
 shape: 12 layers, d_model 768, 12 heads, vocab 50304, tied embeddings; SwiGLU at 2/3 of 4x width
@@ -197,7 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ab-against", default="", metavar="SRC",
                         help="A/B: run this benchmark in subprocesses alternating PYTHONPATH=SRC (e.g. a worktree "
                         "of the previous commit's src) and this checkout's src; print the tokens/s ratio")
-    parser.add_argument("--rounds", type=int, default=3, help="--ab-against: subprocess pairs (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="--ab-against: repeats of --steps (default: 3)")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a side of --ab-against
     parser.add_argument("--ce", default="", metavar="ROWSxDxVOCAB",
                         help="only time the output layer + cross-entropy (forward and backward) at this size, e.g. "
                         "2048x768x50304: eager, compiled (the trainer's path) and torch's chunked "
@@ -772,11 +774,31 @@ def run(args: argparse.Namespace, progress: Console) -> tuple[dict[str, Any], di
     return report, results
 
 
-def ab_compare(args: argparse.Namespace, argv: list[str], progress: Console) -> dict[str, Any]:
-    """This benchmark (--json, first precision) in subprocesses, alternating PYTHONPATH=SRC and this checkout's src.
+def serve(args: argparse.Namespace) -> int:
+    """--serve (for --ab-against): build the first precision's trainer, warm it up, then time blocks on request.
 
-    Both sides time the trainer's own step through the same benchmark code (only the library differs),
-    one after the other, ``--rounds`` times: other load on the machine slows both alike.
+    Reads ``N`` lines on stdin; for each, runs N steps back to back and prints the seconds per step.
+    """
+    cfg = bench_config(args.preset, args.overrides)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    session = trainer_session(cfg, args.precisions[0])
+    for _ in range(args.warmup):
+        session.step()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(time_block(session, int(line), device), flush=True)
+    session.close()
+    return 0
+
+
+def ab_compare(args: argparse.Namespace, argv: list[str], progress: Console) -> dict[str, Any]:
+    """This benchmark's trainer step in two processes, PYTHONPATH=SRC and this checkout's src, alternating blocks.
+
+    Both processes live side by side (only one runs at a time) and time blocks of BLOCK_STEPS steps in
+    turn, ``--rounds`` x ``--steps`` steps each: other load on the machine slows both alike. Both time
+    the trainer's own step through the same benchmark code (only the library differs).
     """
     ours = str(Path(__file__).resolve().parents[1] / "src")
     theirs = str(Path(args.ab_against).resolve())
@@ -791,26 +813,44 @@ def ab_compare(args: argparse.Namespace, argv: list[str], progress: Console) -> 
             continue
         child.append(argv[i])
         i += 1
-    child += ["--json", "--precisions", args.precisions[0]]
-    figures: dict[str, list[float]] = {"before": [], "after": []}
-    for r in range(args.rounds):
-        for side, src in (("before", theirs), ("after", ours)):
-            env = {**os.environ, "PYTHONPATH": src}
-            progress.print(f"round {r + 1}/{args.rounds}: {side} (PYTHONPATH={src})")
-            out = subprocess.run([sys.executable, __file__, *child], env=env, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise UserError(f"the {side} run failed (PYTHONPATH={src}): {out.stderr.strip()[-500:]}")
-            report = json.loads(out.stdout)
-            figures[side].append(report["results"][args.precisions[0]]["tokens_per_s"])
-    ratios_ = [a / b for a, b in zip(figures["after"], figures["before"])]
-    return {"before_src": theirs, "after_src": ours, "tokens_per_s": figures, "ratios": ratios_,
-            "median_ratio": statistics.median(ratios_)}
+    child += ["--serve", "--precisions", args.precisions[0]]
+    sides = {"before": theirs, "after": ours}
+    procs = {}
+    for side, src in sides.items():
+        progress.print(f"{side}: PYTHONPATH={src}: building and warming up")
+        procs[side] = subprocess.Popen([sys.executable, __file__, *child], env={**os.environ, "PYTHONPATH": src},
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seconds: dict[str, list[float]] = {side: [] for side in sides}
+    try:
+        for side, proc in procs.items():
+            if proc.stdout.readline().strip() != "ready":
+                raise UserError(f"the {side} process (PYTHONPATH={sides[side]}) failed to start; run it alone to see why")
+        blocks = args.rounds * max(1, args.steps // BLOCK_STEPS)
+        for b in range(blocks):
+            for side, proc in procs.items():
+                proc.stdin.write(f"{BLOCK_STEPS}\n")
+                proc.stdin.flush()
+                seconds[side].append(float(proc.stdout.readline()))
+            progress.print(f"block {b + 1}/{blocks}: after/before {seconds['before'][-1] / seconds['after'][-1]:.3f}")
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait(timeout=120)
+    cfg = bench_config(args.preset, args.overrides)
+    tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
+    speed = {side: [tokens / s for s in values] for side, values in seconds.items()}
+    ratios_ = [a / b for a, b in zip(speed["after"], speed["before"])]
+    return {"before_src": theirs, "after_src": ours, "tokens_per_s": speed,
+            "median_tokens_per_s": {side: statistics.median(v) for side, v in speed.items()},
+            "ratios": ratios_, "median_ratio": statistics.median(ratios_)}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     progress = Console(stderr=True, style="dim")
+    if args.serve:
+        return serve(args)
     if args.ce:
         cfg = bench_config(args.preset, args.overrides)
         device, precision = resolve_device(cfg.train.device), args.precisions[0]
@@ -830,9 +870,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result, indent=2))
         else:
             for side in ("before", "after"):
-                console_line = ", ".join(f"{v:,.0f}" for v in result["tokens_per_s"][side])
-                print(f"{side:6} tokens/s: {console_line}  ({result[side + '_src']})")
-            print(f"after / before: {', '.join(f'{r:.3f}' for r in result['ratios'])}; "
+                print(f"{side:6} tokens/s: median {result['median_tokens_per_s'][side]:,.0f} over "
+                      f"{len(result['tokens_per_s'][side])} blocks  ({result[side + '_src']})")
+            print(f"after / before, block by block: {', '.join(f'{r:.2f}' for r in result['ratios'])}; "
                   f"median {result['median_ratio']:.3f}x")
         return 0
     try:
