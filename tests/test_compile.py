@@ -328,3 +328,16 @@ def test_the_compiled_loss_holds_no_fp32_copy_of_bf16_logits():
            if int(buf[0]) * int(buf[1]) >= N * V]
     assert big and all(dtype == "bfloat16" for _, _, dtype in big), big  # the bf16 logits only
     assert math.isfinite(float(loss)) and weight.grad is not None
+
+
+def test_the_reference_gpt2_has_gpt2_smalls_shape_and_trains_with_its_loss_inside():
+    bench = _benchmark()
+    with torch.device("meta"):
+        ref = bench.ReferenceGPT(50304, 1024, 12, 768, 12)
+    assert 124.0e6 < sum(p.numel() for p in ref.parameters()) < 124.8e6  # GPT-2 small, vocab 50304, tied head
+    cfg = bench.bench_config("tiny-lm", ["model.n_layers=1", "model.d_model=32", "model.n_heads=2",
+                                         "train.seq_len=16", "train.batch_size=2", "train.compile=false"])
+    session = bench.ReferenceSession(cfg, torch.device("cpu"), "fp32")
+    before = session.model.head.weight.detach().clone()
+    session.step()
+    assert not torch.equal(before, session.model.head.weight)  # one AdamW step through the loss in its forward
