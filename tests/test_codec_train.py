@@ -53,7 +53,7 @@ def test_train_and_eval_use_the_one_loss_on_the_same_batch(codes_dir, tmp_path):
     val = task.evaluate(model, torch.device("cpu"), "fp32")
     assert val["val_loss"] == pytest.approx(float(out.loss), rel=1e-5)
     for k in range(4):
-        assert val[f"val_loss_cb{k}"] == pytest.approx(out.logged[f"loss_cb{k}"], rel=1e-5)
+        assert val[f"val_loss_cb{k}"] == pytest.approx(float(out.logged[f"loss_cb{k}"]), rel=1e-5)
     # At init every codebook's loss is near ln(classes): nothing is learned yet.
     assert abs(val["val_loss"] - math.log(CB + 3)) < 0.5
 

@@ -178,3 +178,166 @@ def test_gpu_peak_is_recognised_from_the_device_name(monkeypatch, device_name, k
     assert bench.gpu_peak(torch.device("cuda"))[0] == key
     assert bench.gpu_peak(torch.device("cpu")) is None
     assert bench.gpu_peak(torch.device("cpu"), "a100")[0] == "a100"
+
+
+# ---------------------------------------------------------------- every family compiles whole, the loss inside
+
+
+def _family_configs():
+    import test_host_syncs as configs
+
+    return [configs.lm_config, configs.codec_config, configs.cascade_config]
+
+
+def _compiled_trainer(make_config, data_dir, tmp_path):
+    from conftest import quiet
+
+    from scratchlab.families.registry import build_task
+    from scratchlab.train.loop import Reporter, Trainer
+
+    cfg = make_config(data_dir, tmp_path)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})})
+    cfg, task = build_task(cfg)
+    return Trainer(cfg, None, task, Reporter(quiet(), "lines"))
+
+
+def _train_two_steps(trainer):
+    from scratchlab.train.loop import _NullMetrics
+
+    try:
+        for _ in range(2):
+            trainer.train_step(_NullMetrics())
+    finally:
+        trainer.batches.close()
+
+
+@pytest.mark.parametrize("family", [0, 1, 2], ids=["lm", "codec_lm (dia-tiny)", "cascade"])
+def test_the_loss_function_of_every_family_traces_as_one_graph(family, data_dir, tmp_path, monkeypatch):
+    """Dynamo's tracing alone (backend=eager: no inductor, seconds): fullgraph=True raises at any graph break."""
+    import torch._dynamo
+
+    compiled = []
+    real_compile = torch.compile
+
+    def traced(fn, **kwargs):
+        compiled.append(fn)
+        return real_compile(fn, backend="eager", fullgraph=True)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", traced)
+    trainer = _compiled_trainer(_family_configs()[family], data_dir, tmp_path)
+    assert compiled == [trainer._eager_loss]  # the function batch -> loss is compiled, not only the model
+    _train_two_steps(trainer)
+    assert trainer.forward_model is not trainer.wrapped  # no eager fallback
+    assert trainer.step == 2 and math.isfinite(trainer.last_loss)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(compiler_missing(torch.device("cpu")) is not None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("family", [0, 1, 2], ids=["lm", "codec_lm (dia-tiny)", "cascade"])
+def test_every_family_compiles_whole_with_inductor(family, data_dir, tmp_path):
+    """The real compile (inductor, 30-70 s each on 2 busy cores): zero graph breaks, one graph, no fallback."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = _compiled_trainer(_family_configs()[family], data_dir, tmp_path)
+    _train_two_steps(trainer)
+    assert trainer.forward_model is not trainer.wrapped
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1  # model and loss in one graph (its backward is compiled with it)
+    assert trainer.step == 2 and math.isfinite(trainer.last_loss)
+
+
+# ---------------------------------------------------------------- the loss functions stay exact
+
+
+def test_codebook_loss_equals_per_codebook_token_losses_with_weights_and_an_empty_codebook():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 4, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 7, 4), generator=g)
+    labels[0, :2, 1] = -100
+    labels[..., 3] = -100  # no target in codebook 3: no weight, loss 0, never NaN
+    weights = [4.0, 1.0, 2.0, 5.0]
+    total, per_cb = codebook_loss(logits, labels, weights)
+    want = [token_loss(logits[..., k, :], labels[..., k]) for k in range(3)]
+    for k in range(3):
+        torch.testing.assert_close(per_cb[k], want[k], rtol=1e-6, atol=1e-7)
+    assert float(per_cb[3]) == 0.0
+    torch.testing.assert_close(total, sum(w * l for w, l in zip(weights, want)) / 7.0, rtol=1e-6, atol=1e-7)
+
+
+def test_z_loss_is_the_mean_over_kept_targets():
+    from scratchlab.loss import z_loss
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 9, generator=g) * 3
+    labels = torch.randint(0, 9, (2, 5), generator=g)
+    labels[1, 3:] = -100
+    kept = labels.reshape(-1) != -100
+    want = logits.reshape(-1, 9).logsumexp(-1)[kept].pow(2).mean()
+    torch.testing.assert_close(z_loss(logits, labels), want, rtol=1e-6, atol=1e-7)
+
+
+def test_linear_token_loss_equals_the_plain_path():
+    from scratchlab.loss import linear_token_loss
+
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 6, 8, generator=g, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 6), generator=g)
+    labels[0, 0] = -100
+    fused = linear_token_loss(hidden, weight, labels)
+    fused.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    plain = token_loss(hidden @ weight.T, labels)
+    plain.backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(compiler_missing(torch.device("cpu")) is not None, reason="torch.compile on CPU needs a C++ compiler")
+def test_the_compiled_loss_holds_no_fp32_copy_of_bf16_logits():
+    """token_loss's .float() is fused into the cross-entropy kernels: forward and backward allocate no fp32 [N, V]."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    N, D, V = 64, 32, 1000
+    hidden = torch.randn(N, D, requires_grad=True)
+    weight = torch.randn(V, D, requires_grad=True)
+    labels = torch.randint(0, V, (N,))
+
+    def loss_of(hidden, weight, labels):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = hidden @ weight.T
+        return token_loss(logits, labels)
+
+    def step():
+        loss = torch.compile(loss_of)(hidden, weight, labels)
+        loss.backward()
+        return loss
+
+    loss, codes = run_and_get_code(step)
+    big = [buf for code in codes for buf in
+           re.findall(r"empty_strided_cpu\(\((\d+), (\d+)\), \(\d+, \d+\), torch\.(\w+)\)", code)
+           if int(buf[0]) * int(buf[1]) >= N * V]
+    assert big and all(dtype == "bfloat16" for _, _, dtype in big), big  # the bf16 logits only
+    assert math.isfinite(float(loss.detach())) and weight.grad is not None
+
+
+def test_the_reference_gpt2_has_gpt2_smalls_shape_and_trains_with_its_loss_inside():
+    bench = _benchmark()
+    with torch.device("meta"):
+        ref = bench.ReferenceGPT(50304, 1024, 12, 768, 12)
+    assert 124.0e6 < sum(p.numel() for p in ref.parameters()) < 124.8e6  # GPT-2 small, vocab 50304, tied head
+    cfg = bench.bench_config("tiny-lm", ["model.n_layers=1", "model.d_model=32", "model.n_heads=2",
+                                         "train.seq_len=16", "train.batch_size=2", "train.compile=false"])
+    session = bench.ReferenceSession(cfg, torch.device("cpu"), "fp32")
+    before = session.model.head.weight.detach().clone()
+    session.step()
+    assert not torch.equal(before, session.model.head.weight)  # one AdamW step through the loss in its forward

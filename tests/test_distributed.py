@@ -28,6 +28,7 @@ from scratchlab.runs.checkpoint import save_weights
 from scratchlab.train.distributed import (
     DistContext,
     init_distributed,
+    rank_rows,
     rank_slice,
     resolve_parallel,
     tied_parameters,
@@ -49,6 +50,53 @@ def test_each_rank_keeps_its_own_contiguous_block_of_the_global_batch():
     for key in batch:  # together the ranks see every row exactly once, in order
         assert torch.equal(torch.cat([p[key] for p in parts]), batch[key])
     assert rank_slice(batch, DistContext()) is batch
+
+
+def _family_tasks(data_dir, tmp_path):
+    import test_host_syncs as configs
+
+    from scratchlab.families.registry import build_task
+
+    return [build_task(make(data_dir, tmp_path))[1] for make in
+            (configs.lm_config, configs.codec_config, configs.cascade_config)]
+
+
+def test_a_rank_builds_only_its_rows_and_the_data_position_of_the_whole_batch(data_dir, tmp_path, monkeypatch):
+    """Each family: rows r of 2 equal the rows of the whole batch, the generator ends where the whole batch
+    leaves it, and only this rank's windows are cut (counted where each family gathers its tokens)."""
+    import scratchlab.families.cascade.data as cascade_data
+    import scratchlab.families.codec.data as codec_data
+    import scratchlab.families.lm.task as lm_task
+
+    cut = []
+    real_windows, real_codes = lm_task.make_windows, codec_data.codes_window
+    monkeypatch.setattr(lm_task, "make_windows", lambda tokens, starts, *a: cut.extend([1] * len(starts)) or
+                        real_windows(tokens, starts, *a))
+    monkeypatch.setattr(codec_data, "codes_window", lambda *a, **k: cut.append(1) or real_codes(*a, **k))
+    real_stack = cascade_data.np.stack
+    monkeypatch.setattr(cascade_data.np, "stack", lambda arrays, *a, **k: cut.extend([1] * len(arrays)) or
+                        real_stack(arrays, *a, **k))
+    for task in _family_tasks(data_dir, tmp_path):
+        whole_gen = torch.Generator().manual_seed(5)
+        whole = task.train_batch(4, whole_gen)
+        for rank in range(2):
+            rows = rank_rows(4, DistContext(rank=rank, world_size=2, parallel="ddp"))
+            assert rows == slice(2 * rank, 2 * rank + 2)
+            gen = torch.Generator().manual_seed(5)
+            cut.clear()
+            part = task.train_batch(4, gen, rows=rows)
+            assert torch.equal(gen.get_state(), whole_gen.get_state()), task.family
+            assert part.keys() == whole.keys()
+            for key in whole:
+                if key == "cond_ids":  # padded to the longest condition of the rows built
+                    width = part[key].shape[1]
+                    assert torch.equal(part[key], whole[key][rows, :width]), task.family
+                elif key == "cond_mask":
+                    assert torch.equal(part[key], whole[key][rows, : part[key].shape[1]]), task.family
+                else:
+                    assert torch.equal(part[key], whole[key][rows]), (task.family, key)
+            assert len(cut) == 2, (task.family, len(cut))  # windows cut: this rank's 2 rows, not the batch's 4
+    assert rank_rows(4, DistContext()) is None
 
 
 def test_parallel_setting_resolution():

@@ -45,13 +45,15 @@ class LossOutput:
 
     ``loss`` is the figure people read (logged as ``loss`` in training, ``val_loss`` in eval);
     ``objective`` is what is back-propagated (``loss`` plus weighted auxiliary terms such as
-    z-loss); ``logged`` holds detached extras logged under their own names (``z_loss``,
-    ``loss_cb0``, ...), averaged over micro-batches by the trainer.
+    z-loss); ``logged`` holds extras logged under their own names (``z_loss``, ``loss_cb0``, ...)
+    as detached 0-dim tensors ON THE DEVICE, averaged over micro-batches by the trainer and read
+    to the host once per log row (never ``.item()`` here: a host sync per step, and a graph break
+    in the compiled loss). Consumers outside training convert with ``float()``.
     """
 
     loss: torch.Tensor
     objective: torch.Tensor
-    logged: dict[str, float] = field(default_factory=dict)
+    logged: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: torch.Tensor | None = None  # logits or predictions, for eval statistics
 
 
@@ -86,15 +88,23 @@ class Task(ABC):
     # -- batches and the loss
 
     @abstractmethod
-    def train_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
-        """A random training batch on the CPU; advances ``generator`` (the data position)."""
+    def train_batch(self, batch_size: int, generator: torch.Generator, rows: slice | None = None) -> Batch:
+        """A random training batch of ``batch_size`` rows on the CPU; advances ``generator`` (the data position).
+
+        ``rows``: build only these rows of it (a data-parallel rank's block). The generator advances
+        exactly as for the whole batch (every random draw of every row is made; only the tokens of
+        the other rows are not gathered), so the data position is the same on every rank and the
+        rows are those a single process would see.
+        """
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch, precision: str = "fp32") -> LossOutput:
         """The one loss function: training, evaluation and preflight all call this.
 
         ``batch`` is already on the model's device. Run the forward under
-        ``train.device.autocast(device, precision)`` and the loss itself in fp32.
+        ``train.device.autocast(device, precision)`` and the loss itself in fp32. The trainer
+        compiles this function whole (``train.compile``): no host reads (``.item()``, ``float()``,
+        ``if tensor``) and no data-dependent shapes in it (tests/test_compile.py counts graph breaks).
         """
 
     def describe_batch(self, batch: Batch) -> str:

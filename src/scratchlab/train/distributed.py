@@ -4,10 +4,11 @@ Launched by ``torchrun`` (env ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER
 ``init_distributed`` joins the process group (NCCL on CUDA, gloo on CPU) and gives each rank
 one device (``cuda:LOCAL_RANK``). Without a launcher everything here is a no-op for a world of 1.
 
-The batch contract: ``train.batch_size`` is the GLOBAL batch of one micro-step. Every rank draws
-the whole global batch from the same seeded data generator and keeps its own contiguous block of
-rows (``rank_slice``), so the data position is the same on every rank (it is checkpointed once
-and a resume may change the world size) and N ranks see exactly the rows one process would.
+The batch contract: ``train.batch_size`` is the GLOBAL batch of one micro-step. Every rank makes
+every random draw of the whole global batch from the same seeded data generator (window starts,
+clip picks: cheap) but gathers the tokens of its own contiguous block of rows only (``rank_rows``,
+passed to ``Task.train_batch``), so the data position is the same on every rank (it is checkpointed
+once and a resume may change the world size) and N ranks see exactly the rows one process would.
 
 Checkpoints keep the single-process format whatever the parallelism: DDP saves the unwrapped
 module from rank 0; FSDP gathers a full, CPU-offloaded state dict of the model and of the
@@ -61,6 +62,14 @@ class DistContext:
         t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return (t / self.world_size).tolist()
+
+    def all_mean_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a device tensor, kept on the device (a collective, no host read)."""
+        if not self.enabled:
+            return values
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values / self.world_size
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank if it is true on any (e.g. a SIGTERM that reached one rank first)."""
@@ -169,6 +178,14 @@ def init_distributed(parallel: str, batch_size: int, base_device: torch.device) 
     return DistContext(rank=rank, world_size=world, local_rank=local, parallel=mode, owns_group=owns), device
 
 
+def rank_rows(batch_size: int, ctx: DistContext) -> slice | None:
+    """This rank's contiguous block of rows of a global batch of ``batch_size``; None for a world of 1."""
+    if not ctx.enabled:
+        return None
+    per = batch_size // ctx.world_size
+    return slice(ctx.rank * per, (ctx.rank + 1) * per)
+
+
 def rank_slice(batch: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, torch.Tensor]:
     """This rank's contiguous block of rows of a global batch (every tensor is batch-first)."""
     if not ctx.enabled:
@@ -248,20 +265,33 @@ def gradient_sync(wrapped: nn.Module, ctx: DistContext, sync: bool) -> Iterator[
         yield
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm(
+    named: list[tuple[str, nn.Parameter]], max_norm: float
+) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
     """Global gradient norm before clipping, then clip to ``max_norm``; works on FSDP2's DTensor grads.
 
-    ``clip_grad_norm_`` is get_total_norm + clip_grads_with_norm_; with DTensors the norm is a
-    partial DTensor that must be reduced (``full_tensor``) before it is a number (as torchtitan does).
+    Returns (the norm, a 0-dim tensor on the device: never read here, so a step does not wait on it;
+    the names of the parameters with a gradient; their gradient norms [n] on the device, for blaming
+    parameters after a non-finite step, or None for DTensor grads). ``clip_grad_norm_`` is
+    get_total_norm + clip_grads_with_norm_; with DTensors the norm is a partial DTensor that must be
+    reduced (``full_tensor``) before it is a number (as torchtitan does). ``max_norm`` = inf: no clip.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if hasattr(total, "full_tensor"):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return float(total)
+    live = [(n, p) for n, p in named if p.grad is not None]
+    if not live:
+        return torch.zeros(()), [], None
+    names, params = [n for n, _ in live], [p for _, p in live]
+    grads = [p.grad for p in params]
+    per_param = None
+    if any(hasattr(g, "full_tensor") for g in grads):
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if hasattr(total, "full_tensor"):
+            total = total.full_tensor()
+    else:  # get_total_norm's own arithmetic, keeping the per-parameter norms it computes anyway
+        per_param = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        total = torch.linalg.vector_norm(per_param)
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total, names, per_param
 
 
 def local_tensors(params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -69,13 +69,14 @@ from scratchlab.train.distributed import (
     load_full_optimizer_state,
     local_tensors,
     rank_device,
-    rank_slice,
+    rank_rows,
     sharded_update_ratio,
     tied_parameters,
     wrap_model,
 )
 from scratchlab.families.base import Task
 from scratchlab.families.registry import build_model, build_monitor, build_task
+from scratchlab.train.batches import BatchPrefetcher
 from scratchlab.train.optim import build_optimizer, clip_threshold_at, lr_at
 from scratchlab.train.progress import Reporter
 
@@ -175,16 +176,36 @@ class Trainer:
         self.preflight_findings = run_preflight(self, reporter) if run_checks else []
         # The module the training forward goes through: DDP(model), or model itself (sharded in place by FSDP).
         self.wrapped = wrap_model(self.model, self.dist, self.device, find_unused=bool(cfg.model.moe.n_routed_experts))
-        self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
+        # Fused AdamW takes the step's non-finite flag as a device tensor (found_inf) and skips the
+        # update on the device: no host read per step. Other devices read the flag (see train_step).
+        self._skip_on_device = self.device.type in ("cuda", "cpu")
+        self.optimizer = build_optimizer(self.model, cfg.optim, fused=self._skip_on_device)
         self.compile_note: str | None = None
-        self.forward_model = self._compiled(self.wrapped) if cfg.train.compile else self.wrapped
+        # What the training forward goes through: the wrapped module (eager: self._eager_loss calls the
+        # task's loss on it), or torch.compile of that whole function, batch -> loss (the loss in the graph).
+        self.forward_model = self._compiled(self._eager_loss) if cfg.train.compile else self.wrapped
         self._compile_unverified = cfg.train.compile and self.forward_model is not self.wrapped
+        # The next batch is drawn on a worker thread while a step runs; data_gen stays the data position.
+        self.batches = BatchPrefetcher(
+            lambda generator: self.task.train_batch(cfg.train.batch_size, generator,
+                                                    rows=rank_rows(cfg.train.batch_size, self.dist)),
+            self.data_gen, pin=self.device.type == "cuda",
+        )
         self.step = 0
-        self.clip_history: deque[bool] = deque(maxlen=CLIP_WINDOW)
+        self.clip_history: deque[torch.Tensor] = deque(maxlen=CLIP_WINDOW)  # 0-dim bools on the device
         self.best_val = math.inf
         self.last_val: tuple[float, float] = (math.nan, math.nan)
-        self.last_loss = math.nan
+        self._last_loss: torch.Tensor | float = math.nan  # read when saved, logged or at the end
         self.guilty: list[dict] = []  # parameters blamed for the last non-finite step
+        # Non-finite steps, counted on the device, read on check steps (see train_step):
+        # the current run of non-finite steps, the longest run and the count since the last check,
+        # and the gradient norms per parameter of the last non-finite step (for the blame).
+        self._streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._max_streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._bad_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._bad_norms: tuple[list[str], torch.Tensor] | None = None
+        self.nonfinite_seen = 0  # non-finite steps found by the last check (0 on other steps)
+        self.nonfinite_run = 0  # the longest run of consecutive non-finite steps seen by the last check
         self.train_time = 0.0  # seconds spent in optimizer steps (for tokens/s)
         self.prior_wall = 0.0  # wall time of earlier segments of a resumed run
         self._t0 = time.time()
@@ -211,7 +232,7 @@ class Trainer:
             "val_loss": self.last_val[0],
             "val_bpb": self.last_val[1],
             "best_val_loss": self.best_val,
-            "clip_history": [bool(c) for c in self.clip_history],
+            "clip_history": torch.stack(list(self.clip_history)).tolist() if self.clip_history else [],
             "train_time_s": self.train_time,
             "wall_s": self.prior_wall + time.time() - self._t0,
         }
@@ -232,7 +253,7 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError) as exc:
             raise UserError(f"checkpoint {ckpt}/trainer.pt does not match this model/optimizer ({exc})") from exc
         self.step = int(state["step"])
-        self.clip_history.extend(state.get("clip_history", []))
+        self.clip_history.extend(torch.tensor(bool(c), device=self.device) for c in state.get("clip_history", []))
         self.best_val = float(state.get("best_val_loss", math.inf))
         self.last_val = (float(state.get("val_loss", math.nan)), float(state.get("val_bpb", math.nan)))
         self.train_time = float(state.get("train_time_s", 0.0))
@@ -267,13 +288,31 @@ class Trainer:
 
     # -- one optimizer step
 
-    def _compiled(self, module: torch.nn.Module) -> torch.nn.Module:
-        """torch.compile(module), or module itself (with a warning) where compiling cannot work."""
+    @property
+    def last_loss(self) -> float:
+        """The last step's training loss (a device tensor until read: reading it waits for the device)."""
+        return float(self._last_loss)
+
+    @last_loss.setter
+    def last_loss(self, value: float) -> None:
+        self._last_loss = value
+
+    def _eager_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Batch -> (loss, objective, logged extras): the task's one loss over the training module.
+
+        This whole function is what ``train.compile`` compiles, so the loss (cross-entropy, z-loss,
+        codebook weights) is fused with the model's output layer (no fp32 copy of the logits).
+        """
+        out = self.task.loss(self.wrapped, batch, self.precision)
+        return out.loss, out.objective, out.logged
+
+    def _compiled(self, loss_fn):
+        """torch.compile(loss_fn), or the wrapped module (with a warning) where compiling cannot work."""
         missing = compiler_missing(self.device)
         if missing:  # printed by train() once the run's log is open
             self.compile_note = f"warning: train.compile=true but {missing}; training eagerly"
-            return module
-        return torch.compile(module)
+            return self.wrapped
+        return torch.compile(loss_fn)
 
     def _fall_back_to_eager(self, exc: Exception) -> None:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -282,39 +321,58 @@ class Trainer:
         )
         self.forward_model = self.wrapped
 
-    def _micro_batches(self) -> tuple[float, dict[str, float]]:
+    def _micro_batches(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward and backward of grad_accum micro-batches: (sum of losses, sums of the logged extras).
 
-        Each draws the global batch (the data position advances the same on every rank) and trains
-        on this rank's rows; gradients are reduced across ranks on the last micro-batch only.
+        Both stay on the device (read once per log row). Each micro-batch is this rank's rows of the
+        global batch (drawn ahead by ``self.batches``; the data position advances the same on every
+        rank); gradients are reduced across ranks on the last micro-batch only.
         """
         cfg = self.cfg.train
-        loss_sum = 0.0
-        extra: dict[str, float] = {}  # the task's logged extras and moe_aux_loss, summed over micro-batches
+        step_loss = self._eager_loss if self.forward_model is self.wrapped else self.forward_model
+        pinned = self.batches.pin
+        loss_sum: torch.Tensor | None = None
+        extra: dict[str, torch.Tensor] = {}  # the task's logged extras and moe_aux_loss, summed over micro-batches
         for i in range(cfg.grad_accum):
-            batch = rank_slice(self.task.train_batch(cfg.batch_size, self.data_gen), self.dist)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = {k: v.to(self.device, non_blocking=pinned) for k, v in self.batches.next().items()}
             with gradient_sync(self.wrapped, self.dist, sync=i == cfg.grad_accum - 1):
-                out = self.task.loss(self.forward_model, batch, self.precision)
-                objective = out.objective
-                logged = dict(out.logged)
+                loss, objective, logged = step_loss(batch)
                 aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
                 if aux is not None:  # MoE load balancing, logged on its own as moe_aux_loss
                     objective = objective + aux
-                    logged["moe_aux_loss"] = aux.item()
+                    logged = {**logged, "moe_aux_loss": aux.detach()}
                 (objective / cfg.grad_accum).backward()
-            loss_sum += out.loss.item()
+            loss = loss.detach().float()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
             for key, value in logged.items():
-                extra[key] = extra.get(key, 0.0) + value
+                value = torch.as_tensor(value, device=self.device).detach().float()
+                extra[key] = value if key not in extra else extra[key] + value
         return loss_sum, extra
 
+    def _check_step(self) -> bool:
+        """Whether this step reads its figures to the host: log steps, save steps and the last step.
+
+        Every other step runs without a host sync. The price is latency: a non-finite step (skipped on
+        the device either way) is noticed, logged (``nonfinite``) and counted towards MAX_NONFINITE_STEPS
+        at the next check, at most ``train.log_every`` steps later; no checkpoint is written in between
+        (save steps are checks, and a save right after a non-finite step is still refused).
+        """
+        cfg, following = self.cfg.train, self.step + 1
+        return following % cfg.log_every == 0 or following % cfg.save_every == 0 or following == cfg.max_steps
+
     def train_step(self, metrics: MetricsLogger) -> bool:
-        """One optimizer step over grad_accum micro-batches. Returns False if it was skipped (non-finite)."""
+        """One optimizer step over grad_accum micro-batches.
+
+        Returns False if the step is known to have been skipped as non-finite (known on check steps,
+        see ``_check_step``; True otherwise). The skip itself is decided on the device.
+        """
         cfg = self.cfg.train
         lr = lr_at(self.step, self.cfg.optim, cfg.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         threshold = clip_threshold_at(self.step, cfg.clip)
+        logging = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
+        check = self._check_step()
         started = time.perf_counter()
         if self._compile_unverified:  # torch.compile fails on the first call, if at all: retry this step eagerly
             position = self.data_gen.get_state()
@@ -323,69 +381,88 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - any compiler failure; a real model error recurs eagerly
                 self._fall_back_to_eager(exc)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.data_gen.set_state(position)
+                self.data_gen.set_state(position)  # the prefetched batch is then redrawn from here
                 loss_sum, extra = self._micro_batches()
             self._compile_unverified = False
         else:
             loss_sum, extra = self._micro_batches()
         # Logged figures are means over ranks (each rank's loss is the mean over its slice of the batch).
         keys = list(extra)
-        means = self.dist.all_mean([loss_sum / cfg.grad_accum, *(extra[k] / cfg.grad_accum for k in keys)], self.device)
-        loss_value, extra = means[0], dict(zip(keys, means[1:]))
-        grad_norm = clip_grad_norm(list(self.model.parameters()), threshold)  # DDP/FSDP grads are already averaged
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        ratios: dict[str, float] = {}
-        if finite:
-            # The update/weight ratio needs the weights before the step: copy them only on steps
-            # that will be logged (one weight-sized copy every log_every steps keeps it cheap).
-            # It is the doctor's measurement: off with its monitors (doctor.monitors=false).
-            logged = self.monitor is not None and ((self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps)
-            groups = self.optimizer.param_groups[: len(UPDATE_RATIO_KEYS)]
-            sharded = self.dist.parallel == "fsdp"  # FSDP: each rank holds shards; the ratio sums over ranks
-            before = [snapshot(local_tensors(g["params"]) if sharded else g["params"]) for g in groups] if logged else []
+        means = self.dist.all_mean_tensor(torch.stack([loss_sum, *(extra[k] for k in keys)]) / cfg.grad_accum)
+        loss_t = means[0]
+        named = list(self.model.named_parameters())
+        grad_norm, names, per_param = clip_grad_norm(named, threshold)  # DDP/FSDP grads are already averaged
+        finite = torch.isfinite(loss_t) & torch.isfinite(grad_norm)
+        self._count_nonfinite(finite, names, per_param)
+        # The update/weight ratio needs the weights before the step: copy them only on steps
+        # that will be logged (one weight-sized copy every log_every steps keeps it cheap).
+        # It is the doctor's measurement: off with its monitors (doctor.monitors=false).
+        measure = self.monitor is not None and logging
+        groups = self.optimizer.param_groups[: len(UPDATE_RATIO_KEYS)]
+        sharded = self.dist.parallel == "fsdp"  # FSDP: each rank holds shards; the ratio sums over ranks
+        before = [snapshot(local_tensors(g["params"]) if sharded else g["params"]) for g in groups] if measure else []
+        if self._skip_on_device:
+            self.optimizer.found_inf = (~finite).float()  # fused AdamW: 1 = leave weights and state untouched
             self.optimizer.step()
-            if hasattr(self.model, "after_optimizer_step"):
-                self.model.after_optimizer_step()  # e.g. MoE aux-loss-free bias balancing
+        elif bool(finite):  # an optimizer without found_inf: the flag is read (one sync per step)
+            self.optimizer.step()
+        if hasattr(self.model, "after_optimizer_step"):
+            self.model.after_optimizer_step()  # e.g. MoE aux-loss-free bias balancing
+        clipped = finite & (grad_norm > threshold)
+        self.clip_history.append(clipped)
+        self._last_loss = loss_t
+        self.step += 1
+        self._interval_tokens += self.tokens_per_step
+        if not check:
+            self.nonfinite_seen = 0
+            self.optimizer.zero_grad(set_to_none=True)
+            self.train_time += time.perf_counter() - started
+            self.reporter.advance(self.step)
+            return True
+        # A check step: this step's row, the clip ratio and the non-finite counters in one read.
+        ring = torch.stack(list(self.clip_history)).float()
+        counters = [grad_norm, finite, clipped, ring.mean(), self._bad_steps, self._max_streak]
+        read = torch.cat([means.float(), torch.stack([c.float() for c in counters])]).tolist()
+        values, (grad_value, finite_value, clipped_value, clip_ratio, bad, run) = read[: len(means)], read[len(means):]
+        ok = finite_value == 1.0
+        self.nonfinite_seen, self.nonfinite_run = int(bad), int(run)
+        if bad:
+            self.guilty = self._blame()
+        self._bad_steps.zero_()
+        self._max_streak.copy_(self._streak)  # a run still going on carries over to the next check
+        ratios: dict[str, float] = {}
+        if ok:
             for key, copy, group in zip(UPDATE_RATIO_KEYS, before, groups):
-                if sharded:
-                    ratio = sharded_update_ratio(copy, group["params"], self.dist)
-                else:
-                    ratio = update_ratio(copy, group["params"])
+                ratio = sharded_update_ratio(copy, group["params"], self.dist) if sharded else \
+                    update_ratio(copy, group["params"])
                 if ratio is not None:
                     ratios[key] = ratio
-        else:
-            self.guilty = guilty_parameters(self.model)  # before zero_grad drops the evidence
         # A gradient above the doctor's grad_norm_max: name the parameters now, before zero_grad drops them.
         bound = self.monitor.grad_norm_max if self.monitor is not None else 0.0
-        grad_top = guilty_parameters(self.model) if finite and 0 < bound < grad_norm else None
+        grad_top = guilty_parameters(self.model) if logging and ok and 0 < bound < grad_value else None
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
         self.train_time += time.perf_counter() - started
-        self.step += 1
-        clipped = finite and grad_norm > threshold
-        self.clip_history.append(clipped)
-        self.last_loss = loss_value
-        self._interval_tokens += self.tokens_per_step
-        if self.step % self.cfg.train.log_every == 0 or self.step == cfg.max_steps or not finite:
+        if logging or bad:
             elapsed = time.perf_counter() - self._interval_start
             row = {
                 "step": self.step,
                 "tokens": self.step * self.tokens_per_step,
-                "loss": loss_value,
+                "loss": values[0],
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": grad_value,
                 "clip_threshold": threshold if math.isfinite(threshold) else None,  # None: clipping off
-                "clipped": clipped,
-                "clip_ratio": sum(self.clip_history) / len(self.clip_history),
+                "clipped": clipped_value == 1.0,
+                "clip_ratio": clip_ratio,
                 **ratios,
-                **extra,
+                **dict(zip(keys, values[1:])),
                 **moe_load_stats(self.model),
                 "tokens_per_s": self._interval_tokens / max(elapsed, 1e-9),
                 "time_s": round(self.prior_wall + time.time() - self._t0, 3),
             }
-            if not finite:
-                row["nonfinite"] = True
+            if bad:
+                row["nonfinite"] = True  # this step, or one since the last row (skipped on the device)
+                if bad > 1 or ok:
+                    row["nonfinite_steps"] = int(bad)
             if grad_top is not None:
                 row["grad_top"] = grad_top
             self.log_row(metrics, row)
@@ -393,7 +470,30 @@ class Trainer:
             self._interval_tokens, self._interval_start = 0, time.perf_counter()
         else:
             self.reporter.advance(self.step)
-        return finite
+        return ok
+
+    @torch.no_grad()
+    def _count_nonfinite(self, finite: torch.Tensor, names: list[str], per_param: torch.Tensor | None) -> None:
+        """Device-side bookkeeping of non-finite steps (no host read): streaks, count, the last bad step's norms."""
+        bad = ~finite
+        self._streak = torch.where(bad, self._streak + 1, torch.zeros_like(self._streak))
+        self._max_streak = torch.maximum(self._max_streak, self._streak)
+        self._bad_steps = self._bad_steps + bad
+        if per_param is None:
+            return
+        if self._bad_norms is None or self._bad_norms[0] != names:
+            self._bad_norms = (names, torch.zeros_like(per_param))
+        self._bad_norms = (names, torch.where(bad, per_param, self._bad_norms[1]))
+
+    def _blame(self) -> list[dict]:
+        """The parameters to blame for the last non-finite step, as ``guilty_parameters`` lists them."""
+        if self._bad_norms is None:
+            return guilty_parameters(self.model)  # DTensor grads: this step's gradients
+        names, norms = self._bad_norms
+        rows = [{"name": n, "grad_norm": v if math.isfinite(v) else str(v), "finite": math.isfinite(v)}
+                for n, v in zip(names, norms.tolist())]
+        rows.sort(key=lambda r: (r["finite"], -(r["grad_norm"] if r["finite"] else 0.0)))
+        return rows[:5]
 
     def first_batch(self) -> dict[str, torch.Tensor]:
         """The batch the next step will train on, drawn from a copy of the data generator (position unchanged)."""
@@ -473,16 +573,16 @@ class Trainer:
         if self.step == 0 and main:
             self.log_first_batch()
         status = "finished"
-        nonfinite_streak = 0
         try:
             with _StopFlag() as stop:
                 rep.start(cfg.train.max_steps, self.step)
                 while self.step < cfg.train.max_steps:
                     ok = self.train_step(metrics)
-                    nonfinite_streak = 0 if ok else nonfinite_streak + 1
-                    if nonfinite_streak:
-                        rep.info(f"warning: non-finite loss/gradients at step {self.step}; step skipped", style="yellow")
-                    if nonfinite_streak >= MAX_NONFINITE_STEPS:
+                    if self.nonfinite_seen:  # known on check steps only (Trainer._check_step)
+                        what = "step skipped" if self.nonfinite_seen == 1 and not ok else \
+                            f"{self.nonfinite_seen} steps since the last check skipped"
+                        rep.info(f"warning: non-finite loss/gradients at step {self.step}; {what}", style="yellow")
+                    if self.nonfinite_run >= MAX_NONFINITE_STEPS:
                         names = ", ".join(g["name"] for g in self.guilty[:3]) or "none (the loss itself)"
                         self.record(make_finding(
                             "nonfinite",
@@ -527,6 +627,7 @@ class Trainer:
                 run.set_status("crashed", step=self.step, error=f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            self.batches.close()
             metrics.close(status)
             rep.stop()
         state = self._state()

@@ -238,11 +238,16 @@ def get_windows(
     generator: torch.Generator | None = None,
     batch_index: int = 0,
     count: int | None = None,
+    rows: slice | None = None,
 ) -> torch.Tensor:
-    """One batch of windows [B, window, F] from the one windowing module (no window crosses clips)."""
+    """One batch of windows [B, window, F] from the one windowing module (no window crosses clips).
+
+    ``rows``: cut only these rows of the batch (every row's window is still drawn: same data position)."""
     lens = [len(c) for c in clips]
     clip_idx, starts = clip_window_starts(lens, window, batch_size, mode, generator=generator,
                                           batch_index=batch_index, count=count)
+    if rows is not None:
+        clip_idx, starts = clip_idx[rows], starts[rows]
     return torch.from_numpy(np.stack([clips[c][s : s + window] for c, s in zip(clip_idx, starts)]))
 
 
@@ -256,10 +261,11 @@ def get_pairs(
     generator: torch.Generator | None = None,
     batch_index: int = 0,
     count: int | None = None,
+    rows: slice | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A batch of (inputs, targets, context), each [B, seq_len, F]."""
+    """A batch of (inputs, targets, context), each [B, seq_len, F] (only ``rows`` of it, if given)."""
     frames = get_windows(clips, seq_len + horizon, batch_size, mode, generator=generator,
-                         batch_index=batch_index, count=count)
+                         batch_index=batch_index, count=count, rows=rows)
     return make_pairs(frames, horizon)
 
 

@@ -139,15 +139,18 @@ class CascadeModel(nn.Module):
         return [{"name": "rms_scale", "params": scalars, "lr_mult": c.scale_lr_mult, "max_norm": c.scale_max_norm,
                  "weight_decay": 0.0}]
 
-    def rms_scalars(self) -> dict[str, float]:
-        """The learnable scalars' values of the last stage (logged), {} when scaling is fixed."""
+    def rms_scalars(self) -> dict[str, torch.Tensor]:
+        """The learnable scalars' values of the last stage (logged), {} when scaling is fixed.
+
+        0-dim device tensors (the trainer reads them once per log row; no host sync in the loss)."""
         scale = self.stages[-1].rms_scale
         if not scale.learnable:
             return {}
-        mix = scale.mix.detach().float().tolist()
-        gain = math.exp(float(scale.log_gain.detach()))
-        # The output RMS over the fixed scaling's (equal input and context levels): 1 at init.
-        factor = gain * math.sqrt(sum(mix)) if sum(mix) >= 0 else math.nan
+        mix = scale.mix.detach().float().reshape(-1)
+        gain = scale.log_gain.detach().float().reshape(()).exp()
+        # The output RMS over the fixed scaling's (equal input and context levels): 1 at init; NaN if the mix is < 0.
+        total = mix.sum()
+        factor = torch.where(total >= 0, gain * total.clamp(min=0).sqrt(), torch.full_like(total, math.nan))
         return {"rms_gain": gain, "rms_mix_in": mix[0], "rms_mix_ctx": mix[1], "rms_scale_factor": factor}
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -118,9 +118,9 @@ class CascadeTask(Task):
 
     # -- batches and the loss
 
-    def train_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+    def train_batch(self, batch_size: int, generator: torch.Generator, rows: slice | None = None) -> Batch:
         return get_pairs(self.data.train, self.cfg.train.seq_len, self.horizon, batch_size, "random",
-                         generator=generator)
+                         generator=generator, rows=rows)
 
     def val_batch(self, index: int) -> Batch:
         e = self.cfg.eval
@@ -133,7 +133,7 @@ class CascadeTask(Task):
             pred = model(batch["inputs"], batch["context"])
         recon, novelty = signal_losses(pred, batch, c.recon)
         objective = recon + c.novelty_weight * novelty
-        logged = {"recon": recon.item(), "novelty": novelty.item()}
+        logged = {"recon": recon.detach(), "novelty": novelty.detach()}
         scalars = getattr(model, "rms_scalars", None)
         if callable(scalars):  # learnable RMS scaling: watch the scalars the field notes saw explode
             logged.update(scalars())
@@ -188,7 +188,7 @@ class CascadeTask(Task):
         row["grad_top"] = top
         scalars = getattr(model, "rms_scalars", None)
         if callable(scalars):
-            row.update(scalars())
+            row.update({k: float(v) for k, v in scalars().items()})
         return row
 
     def demo(self, model: nn.Module, step: int, out_dir: Path, device: torch.device, precision: str) -> str | None:

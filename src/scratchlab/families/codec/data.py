@@ -375,6 +375,7 @@ class CodesData:
         uncond_prob: float = 0.0,
         shuffle_tags: bool = True,
         max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+        rows: slice | None = None,
     ) -> dict[str, torch.Tensor]:
         """One batch: ``input_ids``/``labels`` Long ``[B, window + 1 + max_delay, K]``, ``cond_ids``/``cond_mask`` ``[B, C]``.
 
@@ -384,6 +385,8 @@ class CodesData:
         ``shuffle_tags``, so runs that differ only in those see the same crops.
         ``fixed`` (eval): sample ``g = batch_index * B + i`` is clip ``g mod n`` at its start, middle or
         end in turn; tags in manifest order; never unconditional. Identical on every call.
+        ``rows`` (random mode): build only these rows; every row's draws are still made, in the same
+        order, so the generator ends where the whole batch leaves it (a data-parallel rank's block).
         """
         if pattern.n_codebooks != self.n_codebooks:
             raise UserError(f"the delay pattern has {pattern.n_codebooks} codebooks but the data has "
@@ -400,16 +403,20 @@ class CodesData:
             if generator is None:
                 raise ValueError("random batches need a torch.Generator (its state is the data position)")
             picks = torch.randint(0, n, (batch_size,), generator=generator).tolist()
-            for p in picks:
+            kept = range(batch_size)[rows] if rows is not None else range(batch_size)
+            for row, p in enumerate(picks):
                 clip = self.clips[ids[p]]
-                item = self.random_window(ids[p], window, pattern, generator)
+                start = clip_window_start(len(clip.codes), window, "random", generator=generator)
                 order = torch.randperm(len(clip.tags), generator=generator).tolist()
+                if row not in kept:  # drawn (the data position), not built
+                    continue
+                x, y = codes_window(clip.codes, start, window, pattern, self.special)
                 tags = [clip.tags[j] for j in order] if shuffle_tags else list(clip.tags)
-                inputs.append(item["input_ids"])
-                labels.append(item["labels"])
+                inputs.append(x)
+                labels.append(y)
                 conds.append(condition_ids(clip.text, tags, max_text_bytes))
             drop = (torch.rand(batch_size, generator=generator) < uncond_prob).tolist()
-            conds = [unconditional_ids() if d else c for c, d in zip(conds, drop)]
+            conds = [unconditional_ids() if d else c for c, d in zip(conds, [drop[r] for r in kept])]
         elif mode == "fixed":
             for i in range(batch_size):
                 g = batch_index * batch_size + i

@@ -112,16 +112,17 @@ class CodecTask(Task):
 
     # -- batches and the loss
 
-    def _batch(self, split: str, batch_size: int, mode: str, generator=None, batch_index: int = 0) -> Batch:
+    def _batch(self, split: str, batch_size: int, mode: str, generator=None, batch_index: int = 0,
+               rows: slice | None = None) -> Batch:
         cfg = self.cfg
         uncond = cfg.train.uncond_prob if split == "train" else 0.0
         return self.data.batch(split, batch_size, cfg.train.seq_len, mode, generator=generator,
                                batch_index=batch_index, pattern=self.pattern, uncond_prob=uncond,
                                shuffle_tags=cfg.data.shuffle_tags and split == "train",
-                               max_text_bytes=cfg.model.codec.max_text_bytes)
+                               max_text_bytes=cfg.model.codec.max_text_bytes, rows=rows)
 
-    def train_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
-        return self._batch("train", batch_size, "random", generator=generator)
+    def train_batch(self, batch_size: int, generator: torch.Generator, rows: slice | None = None) -> Batch:
+        return self._batch("train", batch_size, "random", generator=generator, rows=rows)
 
     def _forward(self, model: nn.Module, batch: Batch, precision: str) -> torch.Tensor:
         with autocast(batch["labels"].device, precision):
@@ -130,7 +131,7 @@ class CodecTask(Task):
     def loss(self, model: nn.Module, batch: Batch, precision: str = "fp32") -> LossOutput:
         logits = self._forward(model, batch, precision)
         loss, per_cb = codebook_loss(logits, batch["labels"], self.cfg.model.codec.codebook_weights)
-        logged = {f"loss_cb{k}": v.item() for k, v in enumerate(per_cb)}
+        logged = {f"loss_cb{k}": v.detach() for k, v in enumerate(per_cb)}
         return LossOutput(loss=loss, objective=loss, logged=logged, outputs=logits)
 
     def describe_batch(self, batch: Batch, n_samples: int = 2, n_frames: int = 20) -> str:

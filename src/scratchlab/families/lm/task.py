@@ -10,7 +10,7 @@ from torch import nn
 
 from scratchlab.config import Config
 from scratchlab.data.text import TextData, load_tokenizer, open_text_data, prepare_stdlib
-from scratchlab.data.windows import WindowDataset, get_batch
+from scratchlab.data.windows import WindowDataset, get_batch, make_windows, window_starts
 from scratchlab.doctor.findings import Finding
 from scratchlab.doctor.preflight import preflight
 from scratchlab.errors import UserError
@@ -78,8 +78,10 @@ class LMTask(Task):
 
     # -- batches and the loss
 
-    def train_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
-        return get_batch(self.data.train, self.cfg.train.seq_len, batch_size, "random", generator=generator)
+    def train_batch(self, batch_size: int, generator: torch.Generator, rows: slice | None = None) -> Batch:
+        seq_len = self.cfg.train.seq_len
+        starts = window_starts(len(self.data.train), seq_len, batch_size, "random", generator=generator)
+        return make_windows(self.data.train, starts if rows is None else starts[rows], seq_len)
 
     def loss(self, model: nn.Module, batch: Batch, precision: str = "fp32") -> LossOutput:
         labels = batch["labels"]
@@ -91,7 +93,7 @@ class LMTask(Task):
         if coef > 0:
             z = z_loss(logits, labels)
             objective = loss + coef * z
-            logged["z_loss"] = z.item()
+            logged["z_loss"] = z.detach()
         return LossOutput(loss=loss, objective=objective, logged=logged, outputs=logits)
 
     def describe_batch(self, batch: Batch, n_samples: int = 2, n_ids: int = 24) -> str:
