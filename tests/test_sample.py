@@ -1,13 +1,13 @@
-"""Sampling: KV cache equivalence, filters, EOS, reproducibility."""
+"""Sampling: KV cache equivalence, filters, EOS, reproducibility, batched prompts of different lengths."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from scratchlab.config import ModelConfig
+from scratchlab.config import MLAConfig, ModelConfig
 from scratchlab.families.registry import build_model
-from scratchlab.families.lm.sampler import generate
+from scratchlab.families.lm.sampler import generate, generate_batch
 from scratchlab.layers.sampling import filter_logits
 
 
@@ -84,3 +84,50 @@ def test_generation_does_not_touch_the_global_rng(model):
     before = torch.get_rng_state()
     generate(model, [1], 10, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(before, torch.get_rng_state())
+
+
+def noisy_model(**extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=60, max_seq_len=64, **extra))
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    for _ in range(5):
+        m(torch.randint(0, 60, (4, 16))).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return m.eval()
+
+
+PROMPTS = [[3, 14, 15, 9, 26], [7], [1, 2, 3], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla", "softcap"])
+def test_batched_greedy_equals_each_prompt_alone(model, kind):
+    """Prompts of different lengths, left-padded in one batch: each greedy row is the prompt's own greedy output."""
+    if kind == "mla":
+        model = noisy_model(attention="mla", mla=MLAConfig(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                                           v_head_dim=6))
+    elif kind == "softcap":
+        model = noisy_model(n_kv_heads=2, attn_softcap=5.0)
+    batched = generate_batch(model, PROMPTS, 30, temperature=0)
+    alone = [generate(model, p, 30, temperature=0) for p in PROMPTS]
+    assert [len(r) for r in batched] == [30] * 4
+    assert batched == alone
+    assert len({tuple(r) for r in batched}) == 4  # the rows really differ
+    assert generate_batch(model, PROMPTS, 30, temperature=0, use_cache=False) == alone
+
+
+def test_batched_rows_keep_their_own_temperature_and_eos(model):
+    alone = [generate(model, p, 20, temperature=0) for p in PROMPTS]
+    mixed = generate_batch(model, PROMPTS, 20, temperature=[0.0, 2.0, 0.0, 2.0],
+                           generator=torch.Generator().manual_seed(0))
+    assert mixed[0] == alone[0] and mixed[2] == alone[2]  # temperature-0 rows are greedy among sampled rows
+    assert mixed[1] != alone[1] or mixed[3] != alone[3]
+    eos = alone[2][4]  # a token the third row emits: that row stops before it, the others go on
+    stopped = generate_batch(model, PROMPTS, 20, temperature=0, eos_id=eos)
+    for row, full in zip(stopped, alone):
+        assert row == (full[: full.index(eos)] if eos in full else full)
+    assert len(stopped[2]) == alone[2].index(eos) < 20
+    with pytest.raises(ValueError, match="3 temperatures for 4 rows"):
+        generate_batch(model, PROMPTS, 5, temperature=[0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="empty"):
+        generate_batch(model, [[1], []], 5)

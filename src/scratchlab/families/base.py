@@ -139,6 +139,7 @@ class SampleRequest:
     """What ``scratchlab sample`` asks of a family's sampler; each family reads the fields it uses."""
 
     prompt: str = ""  # lm: the text to continue; codec: the condition (text and tags)
+    prompts: list[str] = field(default_factory=list)  # lm: several texts, continued in one batched generation
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int = 0
@@ -150,6 +151,10 @@ class SampleRequest:
     out: str | Path | None = None  # where files go (default RUN/samples)
     audio: bool = False  # codec: also decode to .wav with the data's codec
     warn: Callable[[str], None] | None = None
+
+    def all_prompts(self) -> list[str]:
+        """``prompts`` when given, else the one ``prompt``."""
+        return list(self.prompts) or [self.prompt]
 
 
 @dataclass(frozen=True)
