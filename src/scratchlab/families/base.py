@@ -108,8 +108,9 @@ class Task(ABC):
         """Write demo samples for ``step`` under ``out_dir``; return text to show, or None."""
         return None
 
-    def demo_metrics(self) -> dict[str, float]:
-        """Figures measured on the last demo (e.g. codebook coverage), logged as a metrics row."""
+    def demo_metrics(self) -> dict[str, Any]:
+        """Figures measured on the last demo (e.g. codebook coverage), logged as a metrics row; a
+        ``demo_audio`` list names the demo's .wav files in demos/, which the sinks log as audio."""
         return {}
 
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:

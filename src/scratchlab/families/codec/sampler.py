@@ -157,6 +157,18 @@ def generate_codes(
         model.train(was_training)
 
 
+def write_wav(path: Path, audio: np.ndarray, sampling_rate: int) -> None:
+    """Mono float audio in [-1, 1] as a 16-bit PCM .wav (stdlib ``wave``: every player and tracker reads it)."""
+    import wave
+
+    pcm = (np.clip(np.nan_to_num(np.asarray(audio, dtype=np.float32).reshape(-1)), -1.0, 1.0) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(int(sampling_rate))
+        out.writeframes(pcm.tobytes())
+
+
 def codebook_coverage(codes: list[torch.Tensor], codebook_size: int) -> list[float]:
     """Per codebook, the fraction of its entries used anywhere in ``codes`` (a collapse shows as a tiny fraction)."""
     if not codes:
