@@ -123,10 +123,21 @@ def test_a_demo_that_fails_to_decode_is_a_warning(codes_with_codec, tmp_path, mo
     assert len(list((result.run_dir / "demos").glob("*.npy"))) == 12  # the codes are all there
 
 
-def test_a_codec_that_does_not_load_leaves_codes_only(codes_with_codec, tmp_path):
+def test_a_codec_that_does_not_load_leaves_codes_only(codes_with_codec, tmp_path, monkeypatch):
+    import scratchlab.families.codec.sampler as sampler
+
+    real, rows = sampler.generate_codes, []
+
+    def counted(model, pattern, max_frames, **kwargs):
+        rows.append((len(kwargs["cond_ids"]), list(kwargs["temperature"]), list(kwargs["cfg_scale"])))
+        return real(model, pattern, max_frames, **kwargs)
+
+    monkeypatch.setattr(sampler, "generate_codes", counted)
     # codec.json names a codec scratchlab does not have: one warning, codes only, training goes on.
     result = codec_run(codes_with_codec, tmp_path / "runs", **{"train.max_steps": 2})
     assert result.status == "finished"
+    # The demos of one eval are one generation: conditions x temperatures x CFG scales, per-row settings.
+    assert rows == [(12, [0.0, 0.0, 0.5, 0.5, 1.0, 1.0] * 2, [1.0, 3.0] * 6)]
     assert not list((result.run_dir / "demos").glob("*.wav"))
     log = (result.run_dir / "train.log").read_text()
     assert log.count("demos are not decoded to audio: the data's codec did not load") == 1
