@@ -135,3 +135,10 @@ def test_batched_rows_keep_their_own_temperature_and_eos():
         generate_batch(model, PROMPTS, 5, temperature=[0.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="empty"):
         generate_batch(model, [[1], []], 5)
+
+
+def test_a_greedy_batch_draws_no_random_numbers(model):
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    generate_batch(model, PROMPTS, 5, temperature=0.0)  # no generator: the global RNG would move if it sampled
+    assert torch.equal(before, torch.get_rng_state())

@@ -49,14 +49,17 @@ def next_token(
     return torch.where(greedy, logits.argmax(-1), sampled)
 
 
-def row_temperatures(temperature: float | Sequence[float] | torch.Tensor, rows: int, device) -> torch.Tensor:
-    """A [rows] float tensor of per-row temperatures from one number or one per row."""
-    t = torch.as_tensor(temperature, dtype=torch.float32, device=device).reshape(-1)
-    if t.numel() == 1:
-        return t.expand(rows).clone()
-    if t.numel() != rows:
-        raise ValueError(f"{t.numel()} temperatures for {rows} rows; give one, or one per row")
-    return t
+def row_temperatures(
+    temperature: float | Sequence[float] | torch.Tensor, rows: int, device
+) -> float | torch.Tensor:
+    """Temperatures for ``rows`` rows from one number or one per row: one float when all rows share it
+    (``next_token``'s scalar path: a greedy batch never touches a random generator), else a [rows] tensor."""
+    values = [float(v) for v in torch.as_tensor(temperature, dtype=torch.float64).reshape(-1).tolist()]
+    if len(values) not in (1, rows):
+        raise ValueError(f"{len(values)} temperatures for {rows} rows; give one, or one per row")
+    if len(set(values)) == 1:
+        return values[0]
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def check_sampling_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

@@ -84,6 +84,7 @@ class DelayPattern:
         if min(delays) < 0:
             raise ValueError(f"delays must be >= 0, got {list(delays)}")
         self.delays = delays
+        self._delay_tensors: dict[torch.device, torch.Tensor] = {}  # per device, made once (sampling asks every step)
 
     @classmethod
     def preset(cls, name: str, n_codebooks: int) -> DelayPattern:
@@ -189,7 +190,7 @@ class DelayPattern:
         this again for the same step: codebooks sharing the EOS codebook's delay get EOS in that step.
         """
         eos_frame = eos_frame.long()
-        frame = step - torch.tensor(self.delays, device=eos_frame.device)  # [K]: the frame each codebook is at
+        frame = step - self._delays_on(eos_frame.device)  # [K]: the frame each codebook is at
         end = eos_frame[:, None]  # [B, 1]
         ended = end >= 0
         forced = torch.full((len(eos_frame), self.n_codebooks), FREE, dtype=torch.long, device=eos_frame.device)
@@ -241,6 +242,11 @@ class DelayPattern:
     def is_complete(self, step: int, eos_frame: int | None) -> bool:
         """True once stream ``step`` was the stream's last (every codebook has emitted its EOS)."""
         return bool(self.complete(step, _one_end(eos_frame))[0])
+
+    def _delays_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._delay_tensors:
+            self._delay_tensors[device] = torch.tensor(self.delays, dtype=torch.long, device=device)
+        return self._delay_tensors[device]
 
     def _check_k(self, x: torch.Tensor) -> None:
         if x.ndim < 2 or x.shape[-1] != self.n_codebooks:

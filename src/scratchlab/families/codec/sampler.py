@@ -94,6 +94,8 @@ def generate_codes(
         if n is None:
             n = len(cond_ids) if cond_ids is not None else 1
         temperatures = row_temperatures(temperature, n, device)
+        if isinstance(temperatures, torch.Tensor):  # one per (row, codebook), as the logits are flattened
+            temperatures = temperatures.repeat_interleave(K)
         scales = _per_row(cfg_scale, n, "cfg_scale")
         conditioned = model.conditioned
         if conditioned:
@@ -131,8 +133,7 @@ def generate_codes(
             # Phase 1: the model samples where the pattern leaves the choice, among the classes it allows.
             allowed = pattern.allowed_mask(t, special, eos_frame, max_frames)
             logits = logits.masked_fill(~allowed, float("-inf"))
-            token = next_token(logits.reshape(n * K, -1), temperatures.repeat_interleave(K), top_k, top_p,
-                               generator).view(n, K)
+            token = next_token(logits.reshape(n * K, -1), temperatures, top_k, top_p, generator).view(n, K)
             forced = pattern.forced_ids(t, special, eos_frame)
             token = torch.where(forced >= 0, forced, token)
             # Phase 2: EOS drawn on the EOS codebook ends the row; the pattern then forces this step again.
