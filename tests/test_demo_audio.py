@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import wave
 from pathlib import Path
 
@@ -105,6 +106,14 @@ def test_codec_demos_become_wavs_logged_to_tensorboard_and_the_report(codes_with
     assert len(re.findall(r'<audio controls preload="none" src="data:audio/wav;base64,UklGR', html)) == len(wavs)
     md = report_markdown(record, {}, tmp_path / "log" / "report.md", inline=False)
     assert f"](../runs/{run.name}/demos/{wavs[0]})" in md  # linked relative to the report, not inlined
+    # Past the inline budget the page links each clip by a relative URL, even from a run dir named with spaces.
+    import scratchlab.runs.report as report
+
+    monkeypatch.setattr(report, "MAX_INLINE_AUDIO", 0)
+    odd = shutil.copytree(run, tmp_path / "my run (1) #2")
+    html = html_page(report_markdown(read_run(odd), {}, tmp_path / "pages" / "r.html", inline=True), "r")
+    players = re.findall(r'<audio controls preload="none" src="([^"]+)"></audio>', html)
+    assert players[0] == f"../my%20run%20%281%29%20%232/demos/{wavs[0]}" and len(players) == len(wavs)
 
 
 def test_a_demo_that_fails_to_decode_is_a_warning(codes_with_codec, tmp_path, monkeypatch):
