@@ -167,7 +167,7 @@ def test_demo_failure_never_stops_training(data_dir, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("demo exploded")
 
-    monkeypatch.setattr(lm_task, "generate", broken)
+    monkeypatch.setattr(lm_task, "generate_batch", broken)
     result = run_tiny(data_dir, tmp_path)
     assert result.status == "finished" and result.step == 8
     assert "demo exploded" in (result.run_dir / "train.log").read_text()

@@ -33,10 +33,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from scratchlab.families.base import SampleRequest
     from scratchlab.sample import sample_run
 
+    prompts = args.prompt or []
     request = SampleRequest(
-        prompt=args.text or args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, seconds=args.seconds, cfg_scale=args.cfg_scale,
-        n=args.n, out=args.out, audio=args.audio, warn=lambda line: print(line, file=sys.stderr),
+        prompt=args.text or (prompts[0] if prompts else ""), prompts=prompts, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, seconds=args.seconds,
+        cfg_scale=args.cfg_scale, n=args.n, out=args.out, audio=args.audio, warn=lambda line: print(line, file=sys.stderr),
     )
     for line in sample_run(args.run_dir, request, checkpoint=args.checkpoint):
         print(line)
@@ -265,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample from a trained run: text (lm), codes (codec_lm) or frames (cascade)")
     p.add_argument("run_dir")
-    p.add_argument("--prompt", default="", help="lm: the text to continue")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="lm: the text to continue; repeat for several prompts (generated together, one batch)")
     p.add_argument("--text", default="", help="codec_lm: the condition (text and tags); empty = unconditional")
     p.add_argument("--seconds", type=float, default=5.0, help="codec_lm / cascade: length to generate")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="codec_lm: classifier-free guidance (1 = off)")

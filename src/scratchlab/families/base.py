@@ -145,8 +145,9 @@ class Task(ABC):
         """Write demo samples for ``step`` under ``out_dir``; return text to show, or None."""
         return None
 
-    def demo_metrics(self) -> dict[str, float]:
-        """Figures measured on the last demo (e.g. codebook coverage), logged as a metrics row."""
+    def demo_metrics(self) -> dict[str, Any]:
+        """Figures measured on the last demo (e.g. codebook coverage), logged as a metrics row; a
+        ``demo_audio`` list names the demo's .wav files in demos/, which the sinks log as audio."""
         return {}
 
     def preflight_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
@@ -222,6 +223,7 @@ class SampleRequest:
     """What ``scratchlab sample`` asks of a family's sampler; each family reads the fields it uses."""
 
     prompt: str = ""  # lm: the text to continue; codec: the condition (text and tags)
+    prompts: list[str] = field(default_factory=list)  # lm: several texts, continued in one batched generation
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int = 0
@@ -233,6 +235,10 @@ class SampleRequest:
     out: str | Path | None = None  # where files go (default RUN/samples)
     audio: bool = False  # codec: also decode to .wav with the data's codec
     warn: Callable[[str], None] | None = None
+
+    def all_prompts(self) -> list[str]:
+        """``prompts`` when given, else the one ``prompt``."""
+        return list(self.prompts) or [self.prompt]
 
 
 @dataclass(frozen=True)

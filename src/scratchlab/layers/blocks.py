@@ -50,6 +50,8 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0
+        # [batch, max_len] bool, False = a left-padding slot (prompts of different lengths in one batch)
+        self.key_mask: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
@@ -58,6 +60,18 @@ class KVCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def visible_keys(T: int, S: int, past: int, device, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Which of S keys the T queries at positions past..past+T-1 see: [T, S] causal, or with ``key_mask``
+    ([B, >= S], False = padding) [B, 1, T, S] with padding hidden; a query always sees itself, so a
+    padding query's row is never all -inf (NaN) and a real query never sees padding."""
+    keys = torch.arange(S, device=device)[None, :]
+    queries = (past + torch.arange(T, device=device))[:, None]
+    visible = keys <= queries
+    if key_mask is None:
+        return visible
+    return (visible & key_mask[:, None, None, :S]) | (keys == queries)
 
 
 class CausalSelfAttention(nn.Module):
@@ -106,42 +120,42 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        past = 0
+        past, key_mask = 0, None
         if cache is not None:
-            past = cache.length
+            past, key_mask = cache.length, cache.key_mask
             k, v = cache.update(layer, k, v)
         gqa = self.n_kv_heads != self.n_heads
         if self.probe_logit_max:
-            self.last_logit_max = self._logit_max(q, k, past)
+            self.last_logit_max = self._logit_max(q, k, past, key_mask)
         if self.softcap > 0:
-            y = self._capped_attention(q, k, v, past)
-        elif past == 0:
+            y = self._capped_attention(q, k, v, past, key_mask)
+        elif past == 0 and key_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            # Query i sits at absolute position past+i and may see keys 0..past+i.
-            keys_pos = torch.arange(k.shape[2], device=x.device)
-            mask = keys_pos[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
+            # Query i sits at absolute position past+i and may see keys 0..past+i (not padding).
+            mask = visible_keys(T, k.shape[2], past, x.device, key_mask)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-    def _scores(self, q: torch.Tensor, k: torch.Tensor, past: int, cap: float = 0.0) -> torch.Tensor:
+    def _scores(self, q: torch.Tensor, k: torch.Tensor, past: int, cap: float = 0.0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-softmax logits q.k / sqrt(E) [B, H, T, S] (soft-capped when cap > 0), -inf in the future."""
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         scores = (q @ k.transpose(-2, -1)) / self.head_dim**0.5
         if cap > 0:
             scores = cap * torch.tanh(scores / cap)
         T, S = scores.shape[-2:]
-        visible = torch.arange(S, device=q.device)[None, :] <= (past + torch.arange(T, device=q.device))[:, None]
-        return scores.masked_fill(~visible, float("-inf"))
+        return scores.masked_fill(~visible_keys(T, S, past, q.device, key_mask), float("-inf"))
 
-    def _logit_max(self, q: torch.Tensor, k: torch.Tensor, past: int) -> float:
+    def _logit_max(self, q: torch.Tensor, k: torch.Tensor, past: int, key_mask: torch.Tensor | None = None) -> float:
         """Largest q.k / sqrt(E) over heads and the causally visible (query, key) pairs (before any cap)."""
-        return float(self._scores(q.float(), k.float(), past).amax())
+        return float(self._scores(q.float(), k.float(), past, key_mask=key_mask).amax())
 
-    def _capped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    def _capped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
+                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention with tanh soft-capped logits (SDPA has no cap, so the scores are materialised)."""
-        scores = self._scores(q, k, past, cap=self.softcap)
+        scores = self._scores(q, k, past, cap=self.softcap, key_mask=key_mask)
         v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         return scores.softmax(dim=-1).to(v.dtype) @ v
 

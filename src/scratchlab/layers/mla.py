@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlab.config import MLAConfig
-from scratchlab.layers.blocks import RMSNorm, apply_rope
+from scratchlab.layers.blocks import RMSNorm, apply_rope, visible_keys
 
 
 class LatentCache:
@@ -28,6 +28,7 @@ class LatentCache:
         self.rope_keys = [torch.zeros(batch, max_len, rope_dim, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0
+        self.key_mask: torch.Tensor | None = None  # as KVCache.key_mask: False = a left-padding slot
 
     def per_token_values(self) -> int:
         return self.latents[0].shape[-1] + self.rope_keys[0].shape[-1]
@@ -71,9 +72,9 @@ class LatentAttention(nn.Module):
         latent, rope_key = self.kv_down(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         latent = self.kv_norm(latent)
         rope_key = apply_rope(rope_key.unsqueeze(1), cos, sin).squeeze(1)  # [B, T, rope]: one key for all heads
-        past = 0
+        past, key_mask = 0, None
         if cache is not None:
-            past = cache.length
+            past, key_mask = cache.length, cache.key_mask
             latent, rope_key = cache.update(layer, latent, rope_key)
         S = latent.shape[1]
         kv = self.kv_up(latent).view(B, S, H, -1).transpose(1, 2)  # [B, H, S, nope + v]
@@ -81,12 +82,12 @@ class LatentAttention(nn.Module):
         k = torch.cat([k_nope, rope_key.unsqueeze(1).expand(B, H, S, c.qk_rope_head_dim)], dim=-1)
 
         visible = None
-        if self.probe_logit_max or past > 0:  # training (past == 0) uses SDPA's own causal mask
-            visible = torch.arange(S, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
+        if self.probe_logit_max or past > 0 or key_mask is not None:  # training uses SDPA's own causal mask
+            visible = visible_keys(T, S, past, x.device, key_mask)
         if self.probe_logit_max:
             scores = (q.float() @ k.float().transpose(-2, -1)) / q.shape[-1] ** 0.5
             self.last_logit_max = float(scores.masked_fill(~visible, float("-inf")).amax())
-        if past == 0:
+        if past == 0 and key_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)

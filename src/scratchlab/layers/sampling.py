@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from scratchlab.errors import UserError
@@ -23,13 +25,41 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def next_token(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Pick one token per row of logits [B, V]."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """Pick one token per row of logits [B, V].
+
+    ``temperature`` is one number or one per row (a [B] tensor: batched demos mix temperatures);
+    a row at temperature 0 takes its argmax (greedy), exactly as a batch of one would.
+    """
+    if not isinstance(temperature, torch.Tensor):
+        if temperature <= 0:
+            return logits.argmax(-1)
+        probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    temperature = temperature.to(device=logits.device, dtype=torch.float32).reshape(-1)
+    greedy = temperature <= 0
+    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]  # greedy rows: any finite scale
+    probs = filter_logits(scaled, top_k, top_p).softmax(-1)
+    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.where(greedy, logits.argmax(-1), sampled)
+
+
+def row_temperatures(
+    temperature: float | Sequence[float] | torch.Tensor, rows: int, device
+) -> float | torch.Tensor:
+    """Temperatures for ``rows`` rows from one number or one per row: one float when all rows share it
+    (``next_token``'s scalar path: a greedy batch never touches a random generator), else a [rows] tensor."""
+    values = [float(v) for v in torch.as_tensor(temperature, dtype=torch.float64).reshape(-1).tolist()]
+    if len(values) not in (1, rows):
+        raise ValueError(f"{len(values)} temperatures for {rows} rows; give one, or one per row")
+    if len(set(values)) == 1:
+        return values[0]
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def check_sampling_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

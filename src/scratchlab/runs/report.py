@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import yaml
@@ -159,8 +160,8 @@ def _demos(record: RunRecord, out: Path, inline: bool) -> str:
             if inline and size <= budget:
                 budget -= size
                 src = f"data:audio/{AUDIO_SUFFIXES[path.suffix.lower()]};base64," + base64.b64encode(path.read_bytes()).decode()
-            else:
-                src = Path(os.path.relpath(path, out.parent)).as_posix()
+            else:  # a relative URL: a run dir's name may hold spaces, parentheses or '#'
+                src = quote(Path(os.path.relpath(path, out.parent)).as_posix(), safe="/")
             lines.append(f"- {md_cell(path.relative_to(record.path).as_posix())}: ![audio]({src})\n")
         parts.append("### Audio\n\n" + "".join(lines))
     return "\n".join(parts) if parts else "No demos.\n"

@@ -1,7 +1,8 @@
 """Experiment-tracker sinks: copies of a run's metrics, config and findings in TensorBoard, W&B, MLflow.
 
 metrics.jsonl stays the source of truth; a sink only mirrors what `MetricsLogger` writes there,
-under the same key names. Each tracker is an optional extra (``pip install -e '.[tensorboard]'``,
+under the same key names. A demo row's ``demo_audio`` list (the codec demos' .wav files in RUN/demos/)
+is logged as audio: TensorBoard ``add_audio``, a W&B ``Audio``, an MLflow artifact under ``demos/``. Each tracker is an optional extra (``pip install -e '.[tensorboard]'``,
 ``'.[wandb]'``, ``'.[mlflow]'``). A missing extra fails at start (`check_sinks`); any later sink
 error is caught by the logger, which warns once and drops that sink: a tracker never stops training.
 """
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+import numpy as np
+import torch
 import yaml
 
 from scratchlab.errors import UserError
@@ -35,6 +38,8 @@ WANDB_DIR = "wandb"
 MLFLOW_DIR = "mlflow"
 MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "crashed": "FAILED"}
 MLFLOW_FLUSH_S = 5.0  # metrics reach the MLflow store at most this late (and at every finding and at the end)
+DEMO_AUDIO = "demo_audio"  # a demo row's list of .wav file names in RUN/demos/, logged as audio by every sink
+DEMOS_DIR = "demos"
 
 
 class Sink(Protocol):
@@ -74,6 +79,28 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def demo_audio(run_dir: Path, row: dict[str, Any]) -> list[tuple[str, Path]]:
+    """(tag, path) of each demo .wav a row names: the tag drops the step (``step_000100_c0_t1_cfg3.wav`` ->
+    ``demo_audio/c0_t1_cfg3``) so the same demo setting is one series over training."""
+    out = []
+    for name in row.get(DEMO_AUDIO) or []:
+        path = run_dir / DEMOS_DIR / str(name)
+        stem = path.stem.split("_", 2)[2] if path.stem.startswith("step_") and path.stem.count("_") >= 2 else path.stem
+        out.append((f"{DEMO_AUDIO}/{stem}", path))
+    return out
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """(mono float32 samples in [-1, 1], sampling rate) of a 16-bit PCM .wav (what the demos write)."""
+    import wave
+
+    with wave.open(str(path), "rb") as f:
+        if f.getsampwidth() != 2:
+            raise ValueError(f"{path}: expected 16-bit PCM, got {8 * f.getsampwidth()}-bit")
+        pcm = np.frombuffer(f.readframes(f.getnframes()), dtype="<i2").reshape(-1, f.getnchannels())
+        return (pcm.mean(axis=1) / 32768.0).astype(np.float32), f.getframerate()
+
+
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'model': {'d_model': 32}} -> {'model.d_model': 32}: the dotted keys people override with."""
     out: dict[str, Any] = {}
@@ -109,10 +136,14 @@ class TensorBoardSink:
 
         # purge_step: a resumed run re-logs the steps after its checkpoint; readers drop the stale ones.
         self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
+        self.run_dir = run_dir
 
     def log_row(self, row: dict[str, Any]) -> None:
         for key, value in scalars(row).items():
             self.writer.add_scalar(key, value, row["step"])
+        for tag, path in demo_audio(self.run_dir, row):
+            samples, rate = read_wav(path)
+            self.writer.add_audio(tag, torch.from_numpy(samples)[None], row["step"], sample_rate=rate)
 
     def log_config(self, config: dict[str, Any]) -> None:
         # Indented: TensorBoard renders text as Markdown, and a code block keeps the YAML as it is.
@@ -159,10 +190,12 @@ class WandbSink:
         )
         id_file.write_text(self.run.id)
         self._wandb = wandb
+        self.run_dir = run_dir
         self.findings: list[dict[str, Any]] = []
 
     def log_row(self, row: dict[str, Any]) -> None:
-        self.run.log(scalars(row), step=row["step"])
+        audio = {tag: self._wandb.Audio(str(path), caption=path.name) for tag, path in demo_audio(self.run_dir, row)}
+        self.run.log({**scalars(row), **audio}, step=row["step"])
 
     def log_config(self, config: dict[str, Any]) -> None:
         self.run.config.update(config, allow_val_change=True)
@@ -228,10 +261,13 @@ class MLflowSink:
         self.findings: list[dict[str, Any]] = []
         self._pending: list = []  # metrics not yet written (mlflow.entities.Metric)
         self._flushed = time.monotonic()
+        self.run_dir = run_dir
 
     def log_row(self, row: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
+        for _, path in demo_audio(self.run_dir, row):  # artifacts: MLflow has no audio panel, its UI plays .wav files
+            self.client.log_artifact(self.run_id, str(path), artifact_path=DEMOS_DIR)
         stamp = _now_ms()
         self._pending += [Metric(key, value, stamp, int(row["step"])) for key, value in scalars(row).items()]
         # One SQLite transaction per row costs tens of ms: write at most every MLFLOW_FLUSH_S seconds.

@@ -27,8 +27,8 @@ from scratchlab.layers.decoder import Block
 from scratchlab.layers.init import init_weights
 
 from scratchlab.families.codec.conditioning import COND_BOS, COND_VOCAB
+from scratchlab.families.codec.patterns import SpecialIds  # BOS, PAD, EOS live above the codebook
 
-N_SPECIAL = 3  # BOS, PAD, EOS live above the codebook (patterns.SpecialIds)
 
 
 class Attention(nn.Module):
@@ -112,7 +112,7 @@ class CodecLM(nn.Module):
         if cfg.moe.n_routed_experts or cfg.attention != "mha":
             raise ValueError("codec_lm supports dense MHA/GQA blocks only (model.moe and model.attention=mla are lm-only)")
         self.cfg = cfg
-        self.n_codebooks, self.n_classes = c.n_codebooks, c.codebook_size + N_SPECIAL
+        self.n_codebooks, self.n_classes = c.n_codebooks, SpecialIds.for_codebook(c.codebook_size).n_classes
         d = cfg.d_model
         self.embs = nn.ModuleList(nn.Embedding(self.n_classes, d) for _ in range(self.n_codebooks))
         self.conditioned = c.conditioning == "text"

@@ -15,8 +15,10 @@ With ``eos=False`` (a crop that stops before the clip ends) there is no EOS fram
 has ``T + max_delay`` steps and everything after a codebook's last frame is PAD.
 
 Training and sampling agree because both go through this module: the data layer makes the
-training targets from ``apply``, and the sampler asks ``forced_tokens`` / ``allowed_classes``
-what the pattern dictates at each step and ``revert`` for the codes.
+training targets from ``apply`` / ``training_pair``, and the sampler (families/codec/sampler.py)
+asks ``forced_ids`` / ``allowed_mask`` (batched over the samples) what the pattern dictates at
+each step and ``revert`` for the codes. ``forced_tokens`` / ``allowed_classes`` are the same rule
+for one stream.
 
 Special ids live above the codebook entries (``SpecialIds``): BOS = codebook_size,
 PAD = codebook_size + 1, EOS = codebook_size + 2; heads predict ``codebook_size + 3`` classes.
@@ -36,6 +38,8 @@ from scratchlab.loss import IGNORE_INDEX  # labels the loss skips (one home: los
 
 
 PRESETS = ("parallel", "musicgen", "dia")
+FREE = -1  # forced_ids: the model samples this position
+NOT_ENDED = -1  # eos_frame of a stream whose EOS has not been sampled yet
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
@@ -80,6 +84,7 @@ class DelayPattern:
         if min(delays) < 0:
             raise ValueError(f"delays must be >= 0, got {list(delays)}")
         self.delays = delays
+        self._delay_tensors: dict[torch.device, torch.Tensor] = {}  # per device, made once (sampling asks every step)
 
     @classmethod
     def preset(cls, name: str, n_codebooks: int) -> DelayPattern:
@@ -156,7 +161,7 @@ class DelayPattern:
         """Codes ``[..., T, K]`` back from a delayed stream; ``T`` is ``n_frames`` or read from its length.
 
         ``revert(apply(codes, s, eos), eos=eos)`` equals ``codes`` exactly. For a sampled stream,
-        pass ``n_frames`` = the EOS frame (``forced_tokens``' ``eos_frame``).
+        pass ``n_frames`` = the EOS frame (``forced_ids``' ``eos_frame``).
         """
         is_numpy = isinstance(stream, np.ndarray)
         x = torch.from_numpy(np.asarray(stream, dtype=np.int64)) if is_numpy else stream.long()
@@ -171,59 +176,85 @@ class DelayPattern:
         out = x[..., rows, cols]
         return out.numpy() if is_numpy else out
 
-    # -- what the sampler needs
+    # -- what the sampler needs (batched tensors: one row per sample; the scalar forms below wrap them)
 
-    def forced_tokens(self, step: int, special: SpecialIds, eos_frame: int | None = None) -> list[int | None]:
-        """Per codebook, the token the pattern dictates at stream ``step``, or ``None`` where the model samples.
+    def forced_ids(self, step: int, special: SpecialIds, eos_frame: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` long: the token the pattern dictates at stream ``step``, or ``FREE`` (-1) where the model samples.
 
-        BOS while ``step < d_k``; once EOS was sampled on ``eos_codebook`` (``eos_frame`` =
-        that step minus its delay): EOS at ``eos_frame + d_k`` and PAD after it.
+        ``eos_frame`` is ``[B]`` long: per row, the frame at which ``eos_codebook`` drew EOS, or
+        ``NOT_ENDED`` (-1). BOS while ``step < d_k``; after the end, EOS at ``eos_frame + d_k`` and
+        PAD after it (the staggered EOS ``apply`` lays out in training).
 
-        One sampling step is two phases: sample where this returns None (with ``allowed_classes``),
-        then, if ``eos_codebook`` drew EOS, set ``eos_frame = eos_frame_at(step)`` and call this again
-        for the same step: codebooks sharing the EOS codebook's delay get their EOS in that step.
+        One sampling step is two phases: sample where this is FREE (masked by ``allowed_mask``),
+        then set ``eos_frame`` where ``eos_codebook`` drew EOS (``eos_frame_at(step)``) and call
+        this again for the same step: codebooks sharing the EOS codebook's delay get EOS in that step.
         """
-        out: list[int | None] = []
-        for d in self.delays:
-            frame = step - d
-            if frame < 0:
-                out.append(special.bos)
-            elif eos_frame is not None and frame == eos_frame:
-                out.append(special.eos)
-            elif eos_frame is not None and frame > eos_frame:
-                out.append(special.pad)
-            else:
-                out.append(None)
-        return out
+        eos_frame = eos_frame.long()
+        frame = step - self._delays_on(eos_frame.device)  # [K]: the frame each codebook is at
+        end = eos_frame[:, None]  # [B, 1]
+        ended = end >= 0
+        forced = torch.full((len(eos_frame), self.n_codebooks), FREE, dtype=torch.long, device=eos_frame.device)
+        forced = torch.where(ended & (frame > end), special.pad, forced)
+        forced = torch.where(ended & (frame == end), special.eos, forced)
+        return torch.where(frame < 0, special.bos, forced)  # before a codebook starts: BOS, whatever the end
 
-    def allowed_classes(self, step: int, special: SpecialIds, eos_frame: int | None = None) -> torch.Tensor:
-        """``[K, n_classes]`` bool: which classes each codebook may take at ``step`` (mask the rest to -inf).
+    def allowed_mask(
+        self, step: int, special: SpecialIds, eos_frame: torch.Tensor, max_frames: int | None = None
+    ) -> torch.Tensor:
+        """``[B, K, n_classes]`` bool: which classes each codebook may take at ``step`` (mask the rest to -inf).
 
         A forced position allows only its token. Elsewhere the codebook entries are allowed, plus
         EOS on ``eos_codebook`` only (the other codebooks' EOS is forced, staggered): the same
-        positions where the training labels hold codes or EOS.
+        positions where the training labels hold codes or EOS. With ``max_frames``, a stream that
+        reached that many frames must end: ``eos_codebook`` may only draw EOS at frame ``max_frames``.
         """
-        allowed = torch.zeros(self.n_codebooks, special.n_classes, dtype=torch.bool)
-        for k, token in enumerate(self.forced_tokens(step, special, eos_frame)):
-            if token is not None:
-                allowed[k, token] = True
-            else:
-                allowed[k, : special.codebook_size] = True
-                if k == self.eos_codebook:
-                    allowed[k, special.eos] = True
-        return allowed
+        forced = self.forced_ids(step, special, eos_frame)  # [B, K]
+        free = forced == FREE
+        allowed = torch.zeros(*forced.shape, special.n_classes, dtype=torch.bool, device=forced.device)
+        allowed[..., : special.codebook_size] = free[..., None]
+        k = self.eos_codebook
+        allowed[:, k, special.eos] = free[:, k]
+        if max_frames is not None and step - self.delays[k] >= max_frames:
+            allowed[:, k, : special.codebook_size] = False  # out of room: the clip ends here
+        one_hot = torch.nn.functional.one_hot(forced.clamp(min=0), special.n_classes).bool()
+        return allowed | (one_hot & ~free[..., None])
 
     def eos_frame_at(self, step: int) -> int:
         """The EOS frame when ``eos_codebook`` samples EOS at stream ``step``."""
         return step - self.delays[self.eos_codebook]
 
+    def complete(self, step: int, eos_frame: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: stream ``step`` was the row's last (every codebook has emitted its EOS)."""
+        return (eos_frame >= 0) & (step >= eos_frame + self.max_delay)
+
+    # scalar forms, for one stream (tests and people reading the rule)
+
+    def forced_tokens(self, step: int, special: SpecialIds, eos_frame: int | None = None) -> list[int | None]:
+        """Per codebook, the token the pattern dictates at stream ``step``, or ``None`` where the model samples
+        (``forced_ids`` for one stream; ``eos_frame`` None = not ended)."""
+        row = self.forced_ids(step, special, _one_end(eos_frame))[0].tolist()
+        return [None if token == FREE else token for token in row]
+
+    def allowed_classes(self, step: int, special: SpecialIds, eos_frame: int | None = None) -> torch.Tensor:
+        """``[K, n_classes]`` bool: ``allowed_mask`` for one stream."""
+        return self.allowed_mask(step, special, _one_end(eos_frame))[0]
+
     def is_complete(self, step: int, eos_frame: int | None) -> bool:
         """True once stream ``step`` was the stream's last (every codebook has emitted its EOS)."""
-        return eos_frame is not None and step >= eos_frame + self.max_delay
+        return bool(self.complete(step, _one_end(eos_frame))[0])
+
+    def _delays_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._delay_tensors:
+            self._delay_tensors[device] = torch.tensor(self.delays, dtype=torch.long, device=device)
+        return self._delay_tensors[device]
 
     def _check_k(self, x: torch.Tensor) -> None:
         if x.ndim < 2 or x.shape[-1] != self.n_codebooks:
             raise ValueError(f"expected [..., T, {self.n_codebooks}] codes for {self!r}, got shape {tuple(x.shape)}")
+
+
+def _one_end(eos_frame: int | None) -> torch.Tensor:
+    return torch.tensor([NOT_ENDED if eos_frame is None else int(eos_frame)], dtype=torch.long)
 
 
 def pattern_for(codec: CodecConfig, n_codebooks: int) -> DelayPattern:

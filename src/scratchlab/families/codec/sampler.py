@@ -1,23 +1,22 @@
-"""Delay-aware, KV-cached sampling of multi-codebook codes, with classifier-free guidance.
+"""Delay-aware, KV-cached sampling of multi-codebook codes, batched, with classifier-free guidance.
 
 Generation runs over the delay-interleaved stream S (families/codec/patterns.py): step t feeds row S[t-1]
-(an all-BOS row at t=0) and predicts all K codebooks of row S[t]. Where the pattern
-dictates, tokens are forced rather than sampled, exactly as the data layer lays them out
-in training:
+(an all-BOS row at t=0) and predicts all K codebooks of row S[t]. What is forced and what may be
+sampled comes from the pattern itself (``DelayPattern.forced_ids`` / ``allowed_mask``, batched over
+the rows), the same module that lays out the training stream, and the codes come back through
+``DelayPattern.revert``: BOS before each codebook's delay, EOS drawn on the EOS codebook only,
+then EOS staggered over the codebooks and PAD after it, exactly as training places them.
 
-- t < delay_k: BOS on codebook k (the codebook has not started yet);
-- codebook 0 (the first to start) ends the clip by emitting EOS at frame T; codebook k then
-  gets EOS at t = T + delay_k and PAD after it (the staggered EOS);
-- elsewhere only real codes (< codebook_size) may be sampled, and EOS only on codebook 0.
-
-Classifier-free guidance doubles the batch (conditional rows, then unconditional rows
-with the empty condition) and samples from ``uncond + scale * (cond - uncond)``; both
-halves are fed the same sampled tokens. Scale 1 is the conditional model exactly.
+One call generates every row together: each row has its own condition, temperature (0 = greedy)
+and guidance scale. Classifier-free guidance adds one unconditional row (the empty condition) per
+guided row and samples from ``uncond + scale * (cond - uncond)``; both are fed the same sampled
+tokens. A row at scale 1 is the conditional model exactly (it gets no unconditional twin).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,10 @@ from torch import nn
 
 from scratchlab.families.base import LoadedRun, SampleRequest
 from scratchlab.families.codec.conditioning import COND_BOS, COND_PAD
-from scratchlab.layers.sampling import next_token
+from scratchlab.families.codec.patterns import NOT_ENDED, DelayPattern, SpecialIds
+from scratchlab.layers.sampling import next_token, row_temperatures
+
+DONE_CHECK_EVERY = 8  # steps between checks that every row has ended (each check is a host sync)
 
 
 def empty_condition(n: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,101 +40,134 @@ def empty_condition(n: int, width: int, device) -> tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
+def _per_row(value: float | Sequence[float] | torch.Tensor, rows: int, name: str) -> list[float]:
+    values = [float(v) for v in torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist()]
+    if len(values) == 1:
+        return values * rows
+    if len(values) != rows:
+        raise ValueError(f"{len(values)} {name} values for {rows} rows; give one, or one per row")
+    return values
+
+
 @torch.no_grad()
 def generate_codes(
     model: nn.Module,
-    delays: list[int],
+    pattern: DelayPattern | Sequence[int],
     max_frames: int,
     *,
     cond_ids: torch.Tensor | None = None,
     cond_mask: torch.Tensor | None = None,
-    n: int = 1,
-    temperature: float = 1.0,
+    n: int | None = None,
+    temperature: float | Sequence[float] | torch.Tensor = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    cfg_scale: float = 1.0,
+    cfg_scale: float | Sequence[float] | torch.Tensor = 1.0,
     guidance: bool | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Sample ``n`` clips of at most ``max_frames`` frames.
+    """Sample ``n`` clips of at most ``max_frames`` frames together, in one batched generation.
 
-    ``guidance`` runs the doubled (cond, uncond) batch; None = when ``cfg_scale != 1``.
+    ``pattern`` is the run's DelayPattern (or its delays). ``cond_ids`` / ``cond_mask`` hold one
+    condition per row (or one for all); ``n`` defaults to their rows (1 without a condition).
+    ``temperature`` and ``cfg_scale`` are one number or one per row. ``guidance`` runs the
+    unconditional twin rows even at scale 1 (None = only for rows whose scale is not 1).
 
-    Returns (codes, stream): per sample the reverted codes [T_i, K] (T_i frames before its
-    EOS, or max_frames), and the raw delayed stream [n, L, K] as generated (BOS/PAD/EOS included).
+    Returns (codes, stream): per row the reverted codes [T_i, K] (T_i frames before its EOS, at
+    most max_frames), and the raw delayed stream [n, L, K] as generated (BOS/PAD/EOS included;
+    a row that ended earlier than the longest is PAD after its last EOS).
     """
+    pattern = pattern if isinstance(pattern, DelayPattern) else DelayPattern(list(pattern))
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        K, cs = len(delays), model.cfg.codec.codebook_size
-        bos, pad, eos = cs, cs + 1, cs + 2
+        K, special = pattern.n_codebooks, SpecialIds.for_codebook(model.cfg.codec.codebook_size)
         if K != model.n_codebooks:
             raise ValueError(f"{K} delays for a model with {model.n_codebooks} codebooks")
-        if delays[0] != min(delays):
-            raise ValueError(f"codebook 0 must start first (delays {delays}): it carries the EOS")
-        max_delay = max(delays)
-        length = max_frames + 1 + max_delay  # the stream of a clip of max_frames frames, EOS included
+        if pattern.eos_codebook != 0:
+            raise ValueError(f"codebook 0 must start first (delays {list(pattern.delays)}): it carries the EOS")
+        length = pattern.stream_length(max_frames)  # the stream of a clip of max_frames frames, EOS included
         if length > model.cfg.max_seq_len:
             raise ValueError(f"{max_frames} frames need {length} stream positions > model.max_seq_len="
                              f"{model.cfg.max_seq_len}; ask for fewer frames")
-        guided = (cfg_scale != 1.0 if guidance is None else guidance) and model.conditioned
-        if model.conditioned:
+        if n is None:
+            n = len(cond_ids) if cond_ids is not None else 1
+        temperatures = row_temperatures(temperature, n, device)
+        if isinstance(temperatures, torch.Tensor):  # one per (row, codebook), as the logits are flattened
+            temperatures = temperatures.repeat_interleave(K)
+        scales = _per_row(cfg_scale, n, "cfg_scale")
+        conditioned = model.conditioned
+        if conditioned:
             if cond_ids is None:
                 cond_ids, cond_mask = empty_condition(n, 1, device)
             cond_ids, cond_mask = cond_ids.to(device), cond_mask.to(device)
-            if guided:
-                empty_ids, empty_mask = empty_condition(n, cond_ids.shape[1], device)
-                cond_ids, cond_mask = torch.cat([cond_ids, empty_ids]), torch.cat([cond_mask, empty_mask])
-        rows = 2 * n if guided else n
-        delay = torch.tensor(delays, device=device)
-        stream = torch.full((n, length, K), pad, dtype=torch.long, device=device)
-        end = torch.full((n,), -1, dtype=torch.long, device=device)  # frames before EOS, -1 = not yet
+            if len(cond_ids) == 1 and n > 1:
+                cond_ids, cond_mask = cond_ids.expand(n, -1), cond_mask.expand(n, -1)
+            if len(cond_ids) != n:
+                raise ValueError(f"{len(cond_ids)} conditions for {n} rows; give one, or one per row")
+        # Rows with guidance get an unconditional twin, appended after the n conditional rows.
+        twins = [i for i, s in enumerate(scales) if conditioned and (s != 1.0 if guidance is None else guidance)]
+        twin_index = torch.tensor(twins, dtype=torch.long, device=device)
+        twin_scale = torch.tensor([scales[i] for i in twins], dtype=torch.float32, device=device)[:, None, None]
+        if twins:
+            empty_ids, empty_mask = empty_condition(len(twins), cond_ids.shape[1], device)
+            cond_ids, cond_mask = torch.cat([cond_ids, empty_ids]), torch.cat([cond_mask, empty_mask])
+        rows = n + len(twins)
+        stream = torch.full((n, length, K), special.pad, dtype=torch.long, device=device)
+        eos_frame = torch.full((n,), NOT_ENDED, dtype=torch.long, device=device)
         cache = model.new_cache(rows, length) if use_cache else None
-        step_input = torch.full((rows, 1, K), bos, dtype=torch.long, device=device)
+        step_input = torch.full((rows, 1, K), special.bos, dtype=torch.long, device=device)
         history = step_input
+        last = length - 1
         for t in range(length):
             if use_cache:
                 logits = model(step_input, cond_ids, cond_mask, cache=cache)[:, -1]
             else:
                 logits = model(history, cond_ids, cond_mask)[:, -1]
             logits = logits.float()  # [rows, K, V]
-            if guided:
+            if twins:
                 cond, uncond = logits[:n], logits[n:]
-                logits = uncond + cfg_scale * (cond - uncond)
-            frame = t - delay  # [K]: the frame each codebook is at
-            allowed = torch.zeros_like(logits, dtype=torch.bool)
-            allowed[..., :cs] = True
-            allowed[:, 0, eos] = True  # only codebook 0 may end the clip
-            if t - delays[0] >= max_frames:  # out of room: end now
-                allowed[:, 0, :] = False
-                allowed[:, 0, eos] = True
+                guided = uncond + twin_scale * (cond[twin_index] - uncond)
+                logits = cond.index_copy(0, twin_index, guided)
+            # Phase 1: the model samples where the pattern leaves the choice, among the classes it allows.
+            allowed = pattern.allowed_mask(t, special, eos_frame, max_frames)
             logits = logits.masked_fill(~allowed, float("-inf"))
-            token = next_token(logits.reshape(n * K, -1), temperature, top_k, top_p, generator).view(n, K)
-            # Forced positions (pattern): before a codebook's delay, and after the clip's end.
-            token = torch.where((frame < 0)[None, :], torch.full_like(token, bos), token)
-            new_end = (end < 0) & (token[:, 0] == eos)
-            end = torch.where(new_end, frame[0].expand_as(end), end)
-            ended = end[:, None] >= 0  # then EOS at each codebook's own frame `end`, PAD after it
-            token = torch.where(ended & (frame[None, :] == end[:, None]), torch.full_like(token, eos), token)
-            token = torch.where(ended & (frame[None, :] > end[:, None]), torch.full_like(token, pad), token)
+            token = next_token(logits.reshape(n * K, -1), temperatures, top_k, top_p, generator).view(n, K)
+            forced = pattern.forced_ids(t, special, eos_frame)
+            token = torch.where(forced >= 0, forced, token)
+            # Phase 2: EOS drawn on the EOS codebook ends the row; the pattern then forces this step again.
+            ended_now = (eos_frame < 0) & (token[:, pattern.eos_codebook] == special.eos)
+            eos_frame = torch.where(ended_now, pattern.eos_frame_at(t), eos_frame)
+            forced = pattern.forced_ids(t, special, eos_frame)
+            token = torch.where(forced >= 0, forced, token)
             stream[:, t] = token
-            if bool((end >= 0).all()) and t >= int(end.max()) + max_delay:
-                stream = stream[:, : t + 1]
+            if t % DONE_CHECK_EVERY == DONE_CHECK_EVERY - 1 and bool(pattern.complete(t, eos_frame).all()):
+                last = t
                 break
-            step_input = torch.cat([token, token]) if guided else token
-            step_input = step_input[:, None, :]
+            step_input = (torch.cat([token, token[twin_index]]) if twins else token)[:, None, :]
             if not use_cache:
                 history = torch.cat([history, step_input], dim=1)
-        frames = [int(e) if e >= 0 else max_frames for e in end.tolist()]
-        codes = [
-            torch.stack([stream[i, delays[k] : delays[k] + frames[i], k] for k in range(K)], dim=-1)
-            for i in range(n)
-        ]
+        frames = eos_frame.tolist()  # every row has ended: EOS is forced at max_frames
+        # Rows are complete at their EOS frame + max_delay; the steps after the last one are all PAD.
+        stream = stream[:, : min(last, max(frames) + pattern.max_delay) + 1]
+        reverted = pattern.revert(stream, n_frames=max(frames))  # [n, max(frames), K]
+        codes = [reverted[i, : frames[i]] for i in range(n)]
         return codes, stream
     finally:
         model.train(was_training)
+
+
+def write_wav(path: Path, audio: np.ndarray, sampling_rate: int) -> None:
+    """Mono float audio in [-1, 1] as a 16-bit PCM .wav (stdlib ``wave``: every player and tracker reads it)."""
+    import wave
+
+    pcm = (np.clip(np.nan_to_num(np.asarray(audio, dtype=np.float32).reshape(-1)), -1.0, 1.0) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(int(sampling_rate))
+        out.writeframes(pcm.tobytes())
 
 
 def codebook_coverage(codes: list[torch.Tensor], codebook_size: int) -> list[float]:
@@ -194,7 +229,7 @@ def sample_codes(
                         f"({room / frame_rate:.2f} s at {frame_rate:g} frames/s); ask for less")
     ids, mask = collate_conditions([condition_ids(text, (), c.max_text_bytes)] * n)
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    codes, _ = generate_codes(model, list(pattern.delays), frames, cond_ids=ids, cond_mask=mask, n=n,
+    codes, _ = generate_codes(model, pattern, frames, cond_ids=ids, cond_mask=mask, n=n,
                               temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                               generator=generator)
     out_dir = Path(out) if out is not None else Path(run_dir) / "samples"

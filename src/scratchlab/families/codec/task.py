@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from scratchlab.doctor.data_checks import check_deterministic_windows
 from scratchlab.doctor.preflight import LABEL_SHIFT, MODEL_CHECKS, SPECIAL_TOKENS, Check, preflight
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, codebook_loss
+from scratchlab.runs.sinks import DEMO_AUDIO
 from scratchlab.runs.store import RunDir
 from scratchlab.families.base import Batch, LossOutput, Task
 from scratchlab.families.codec.patterns import pattern_for
@@ -68,7 +70,8 @@ class CodecTask(Task):
         self.data = open_codes_data(path, codebook_size=cfg.model.codec.codebook_size,
                                     val_fraction=cfg.data.val_fraction)
         self.pattern = None
-        self._demo_metrics: dict[str, float] = {}
+        self._demo_metrics: dict[str, Any] = {}
+        self._codec = None  # the data's codec for audio demos: None = not looked for yet, False = none
 
     # -- set-up
 
@@ -190,6 +193,8 @@ class CodecTask(Task):
         return [self.data.condition_text("val", i) for i in range(min(MAX_DEMO_CONDITIONS, self.data.n_clips("val")))] or [""]
 
     def demo(self, model: nn.Module, step: int, out_dir: Path, device: torch.device, precision: str) -> str | None:
+        """Conditions x temperatures x CFG scales, generated together (one batched, KV-cached generation);
+        each clip saved as codes and, when the data's codec is known, decoded to a .wav beside it."""
         from scratchlab.families.codec.conditioning import collate_conditions, condition_ids
         from scratchlab.families.codec.sampler import codebook_coverage, generate_codes
 
@@ -201,34 +206,87 @@ class CodecTask(Task):
         if cfg.train.uncond_prob == 0 and any(s != 1.0 for s in scales):
             lines.append("# CFG scales != 1 skipped: train.uncond_prob=0, the unconditional branch was never trained")
             scales = [1.0]
+        rows = [(p, text, temperature, scale) for p, text in enumerate(self.demo_conditions())
+                for temperature in cfg.demo.temperatures for scale in scales]
+        cond_ids, cond_mask = collate_conditions([condition_ids(text, (), c.max_text_bytes) for _, text, _, _ in rows])
         generator = torch.Generator(device=device)
-        all_codes, index = [], {}
-        for p, text in enumerate(self.demo_conditions()):
-            cond_ids, cond_mask = collate_conditions([condition_ids(text, (), c.max_text_bytes)])
-            for t, temperature in enumerate(cfg.demo.temperatures):
-                for s, scale in enumerate(scales):
-                    generator.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + p * 101 + t * 11 + s)
-                    with autocast(device, precision):
-                        codes, _ = generate_codes(model, list(self.pattern.delays), frames, cond_ids=cond_ids,
-                                                  cond_mask=cond_mask, temperature=temperature, top_k=cfg.demo.top_k,
-                                                  top_p=cfg.demo.top_p, cfg_scale=scale, generator=generator)
-                    name = f"step_{step:06d}_c{p}_t{temperature:g}_cfg{scale:g}.npy"
-                    np.save(out_dir / name, codes[0].cpu().numpy().astype(np.int32))
-                    all_codes.append(codes[0].cpu())
-                    coverage = codebook_coverage(codes, c.codebook_size)
-                    index[name] = {"condition": text, "temperature": temperature, "cfg_scale": scale,
-                                   "frames": int(codes[0].shape[0]), "coverage": coverage}
-                    lines.append(f"{name}: condition={text!r} frames={codes[0].shape[0]} coverage per codebook "
-                                 f"{[round(x, 3) for x in coverage]}")
+        generator.manual_seed(cfg.train.seed * 1_000_003 + step * 1009)  # reproducible per step
+        with autocast(device, precision):
+            codes, _ = generate_codes(model, self.pattern, frames, cond_ids=cond_ids, cond_mask=cond_mask,
+                                      temperature=[t for _, _, t, _ in rows], top_k=cfg.demo.top_k,
+                                      top_p=cfg.demo.top_p, cfg_scale=[s for _, _, _, s in rows], generator=generator)
+        codes = [clip.cpu() for clip in codes]
+        index, names = {}, []
+        for (p, text, temperature, scale), clip in zip(rows, codes):
+            name = f"step_{step:06d}_c{p}_t{temperature:g}_cfg{scale:g}.npy"
+            np.save(out_dir / name, clip.numpy().astype(np.int32))
+            names.append(name)
+            coverage = codebook_coverage([clip], c.codebook_size)
+            index[name] = {"condition": text, "temperature": temperature, "cfg_scale": scale,
+                           "frames": int(clip.shape[0]), "coverage": coverage}
+            lines.append(f"{name}: condition={text!r} frames={clip.shape[0]} coverage per codebook "
+                         f"{[round(x, 3) for x in coverage]}")
+        audio, warning = self._demo_audio(out_dir, names, codes, device)
+        if warning:
+            lines.append(f"# {warning}")
+        for name, wav in audio.items():
+            index[name]["audio"] = wav
         (out_dir / f"step_{step:06d}.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
         text = "\n".join(lines) + "\n"
         (out_dir / f"step_{step:06d}.txt").write_text(text, encoding="utf-8")
-        coverage = codebook_coverage(all_codes, c.codebook_size)
+        coverage = codebook_coverage(codes, c.codebook_size)
         self._demo_metrics = {f"demo_coverage_cb{k}": v for k, v in enumerate(coverage)}
         self._demo_metrics["demo_coverage"] = float(np.mean(coverage)) if coverage else math.nan
+        if audio:  # the sinks log these files as audio (runs/sinks.py)
+            self._demo_metrics[DEMO_AUDIO] = list(audio.values())
         return text
 
-    def demo_metrics(self) -> dict[str, float]:
+    def _demo_audio(self, out_dir: Path, names: list[str], codes: list[torch.Tensor],
+                    device: torch.device) -> tuple[dict[str, str], str | None]:
+        """Decode each demo clip to a .wav beside its codes with the data's codec (codes dir's codec.json).
+
+        Returns ({codes file: wav file name}, a warning or None). Never raises: a demo that cannot be
+        heard is still saved as codes, and training goes on.
+        """
+        from scratchlab.families.codec.sampler import write_wav
+
+        if self._codec is None:  # loaded once per run, at the first demo
+            self._codec = False
+            if (self.data.root / "codec.json").is_file():
+                from scratchlab.families.codec.encode import codec_for_codes
+
+                try:
+                    self._codec = codec_for_codes(self.data.root, device=str(device))
+                except Exception as exc:  # noqa: BLE001 - weights, extras: the demos stay codes
+                    self._warn(f"warning: demos are not decoded to audio: the data's codec did not load "
+                               f"({type(exc).__name__}: {exc})")
+        if not self._codec:
+            return {}, None
+        written, failed = {}, []
+        for name, clip in zip(names, codes):
+            if clip.shape[0] == 0:  # a clip that ended at once has no audio
+                continue
+            wav = Path(name).with_suffix(".wav").name
+            try:
+                write_wav(out_dir / wav, self._codec.decode(clip.numpy()), self._codec.info.sampling_rate)
+                written[name] = wav
+            except Exception as exc:  # noqa: BLE001 - one clip that does not decode never stops training
+                failed.append(f"{name} ({type(exc).__name__}: {exc})")
+        if failed:
+            warning = f"warning: {len(failed)} demo(s) not decoded to audio: {failed[0]}"
+            self._warn(warning)
+            return written, warning
+        return written, None
+
+    def _warn(self, message: str) -> None:
+        info = getattr(self.announce, "info", None)
+        if info is not None:
+            info(message, style="yellow")
+        elif callable(self.announce):
+            self.announce(message)
+
+    def demo_metrics(self) -> dict[str, Any]:
+        """Codebook coverage of the last demo, and ``demo_audio``: its .wav files (names in demos/)."""
         return self._demo_metrics
 
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:

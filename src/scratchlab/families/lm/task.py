@@ -16,7 +16,7 @@ from scratchlab.doctor.preflight import preflight
 from scratchlab.errors import UserError
 from scratchlab.loss import IGNORE_INDEX, token_loss, z_loss
 from scratchlab.runs.store import RunDir
-from scratchlab.families.lm.sampler import generate
+from scratchlab.families.lm.sampler import generate_batch
 from scratchlab.families.base import Batch, LossOutput, Task
 from scratchlab.runtime import autocast
 import scratchlab.families.lm.evaluate as lm_eval
@@ -130,18 +130,21 @@ class LMTask(Task):
         return lm_eval.metrics(sums, model, lambda: self.val_batch(0), device, precision)
 
     def demo(self, model: nn.Module, step: int, out_dir: Path, device: torch.device, precision: str) -> str | None:
+        """Every prompt x temperature continued together: one batched, KV-cached generation."""
         d, tokenizer = self.cfg.demo, self.tokenizer
-        lines = [f"# step {step}"]
+        rows = [(prompt, temperature) for prompt in d.prompts for temperature in d.temperatures]
+        # An empty prompt starts a new document (documents are separated by EOS in training).
+        ids = [tokenizer.encode(prompt, add_special_tokens=False).ids or [self.data.eos_id] for prompt, _ in rows]
         generator = torch.Generator(device=device)
-        for p, prompt in enumerate(d.prompts):
-            ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-            for t, temperature in enumerate(d.temperatures):
-                # Reproducible per (step, prompt, temperature), and different across them.
-                generator.manual_seed(self.cfg.train.seed * 1_000_003 + step * 1009 + p * 101 + t)
-                with autocast(device, precision):
-                    new = generate(model, ids, d.max_new_tokens, temperature=temperature, top_k=d.top_k,
-                                   top_p=d.top_p, eos_id=self.data.eos_id, generator=generator)
-                lines.append(f"\n## prompt={prompt!r} temperature={temperature}\n{prompt}{tokenizer.decode(new)}")
+        generator.manual_seed(self.cfg.train.seed * 1_000_003 + step * 1009)  # reproducible per step
+        new = []
+        if rows:
+            with autocast(device, precision):
+                new = generate_batch(model, ids, d.max_new_tokens, temperature=[t for _, t in rows], top_k=d.top_k,
+                                     top_p=d.top_p, eos_id=self.data.eos_id, generator=generator)
+        lines = [f"# step {step}"]
+        for (prompt, temperature), row in zip(rows, new):
+            lines.append(f"\n## prompt={prompt!r} temperature={temperature}\n{prompt}{tokenizer.decode(row)}")
         text = "\n".join(lines) + "\n"
         (out_dir / f"step_{step:06d}.txt").write_text(text, encoding="utf-8")
         return text
