@@ -28,7 +28,7 @@ from scratchlab.loss import IGNORE_INDEX, codebook_loss
 from scratchlab.runs.sinks import DEMO_AUDIO
 from scratchlab.runs.store import RunDir
 from scratchlab.families.base import Batch, LossOutput, Task
-from scratchlab.families.codec.patterns import pattern_for
+from scratchlab.families.codec.patterns import SpecialIds, pattern_for
 from scratchlab.runtime import autocast
 
 SYNTHETIC_PREFIX = "synthetic"  # data.path=synthetic[:K=4,codebook=64,...]: a generated, learnable codes set
@@ -292,13 +292,13 @@ class CodecTask(Task):
     def preflight(self, model: nn.Module, batch: Batch) -> list[Finding]:
         """The generic batch and model checks with the family loss (codebook weights, the batch's conditions; the
         leak checks perturb the codes with the condition left out), then the crop that training uses."""
-        special = [self.cfg.model.codec.codebook_size + i for i in range(3)]
+        special = SpecialIds.for_codebook(self.cfg.model.codec.codebook_size)
         # Field note: an inverted crop flag fed every clip's first seconds. Test the crop training uses.
         crops = CropProbe(self.data, self.cfg.train.seq_len, self.pattern, self.cfg.train.seed)
         checks = (LABEL_SHIFT, SPECIAL_TOKENS, *MODEL_CHECKS,
                   Check("deterministic_windows", lambda _: check_deterministic_windows(crops)))
         # BOS/PAD may never be targets; EOS is a real target (the data layer keeps it), so only BOS/PAD are checked.
-        return preflight(model, batch, loss=self.preflight_loss, special_token_ids=special[:2],
+        return preflight(model, batch, loss=self.preflight_loss, special_token_ids=(special.bos, special.pad),
                          overfit_steps=self.cfg.doctor.overfit_steps, checks=checks)
 
 
