@@ -46,16 +46,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_data_text(args: argparse.Namespace) -> int:
     import json
 
+    from rich.console import Console
+
+    from scratchlab.data.console import summary_lines, text_progress
     from scratchlab.data.text import prepare_text
 
-    out = prepare_text(args.src, args.out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
-                       val_fraction=args.val_fraction)
+    with text_progress(Console(stderr=True)) as progress:
+        out = prepare_text(args.src, args.out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
+                           val_fraction=args.val_fraction, text_field=args.text_field,
+                           tokenizer_sample_mb=args.tokenizer_sample_mb, commit_mb=args.commit_mb, progress=progress)
     meta = json.loads((out / "meta.json").read_text())
-    s = meta["splits"]
-    print(
-        f"wrote {out}: vocab {meta['vocab_size']}, train {s['train']['tokens']:,} tokens / {s['train']['documents']} docs, "
-        f"val {s['val']['tokens']:,} tokens / {s['val']['documents']} docs\nuse it with: scratchlab train data.path={out}"
-    )
+    print("\n".join([f"wrote {out}", *summary_lines(meta), f"use it with: scratchlab train data.path={out}"]))
     return 0
 
 
@@ -279,12 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sample)
 
     data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("text", help="tokenize text into a data dir (BPE + token shards)")
-    p.add_argument("src", help="a folder of text files, a text file, or a .jsonl with a 'text' field")
-    p.add_argument("--out", required=True, help="output data dir")
+    p = data.add_parser("text", help="tokenize text into a data dir (BPE + token shards; streams, resumable)")
+    p.add_argument("src", help="a folder of text files, a text file, .jsonl[.gz|.zst], parquet file(s) or a "
+                               "dataset saved with datasets.save_to_disk (parquet/zst/HF: pip install 'scratchlab[data]')")
+    p.add_argument("--out", required=True, help="output data dir (run again after an interruption to resume)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
     p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--text-field", default="text", help="the text column of jsonl / parquet / HF records")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=100.0,
+                   help="train the tokenizer on the first N MB of training documents (default 100)")
+    p.add_argument("--commit-mb", type=float, default=64.0,
+                   help="text between resume points (default 64): at most this much is redone after a kill")
     p.set_defaults(func=_cmd_data_text)
     p = data.add_parser("codes", help="validate and summarize a codes dataset (.npy [T, K] + manifest.jsonl)")
     p.add_argument("dir", help="folder holding manifest.jsonl and the .npy files; summary.json is written there")
