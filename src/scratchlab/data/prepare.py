@@ -117,6 +117,13 @@ def _sample_documents(source: DocumentSource, val_fraction: float, max_bytes: in
     last_val: str | None = None
     total = n_train = n_val = 0
     complete = True
+    given = {"documents": 0, "bytes": 0}
+
+    def give(text: str) -> str:
+        given["documents"] += 1
+        given["bytes"] += len(text.encode("utf-8"))
+        return text
+
     for item in source:
         if item.text is None:
             continue
@@ -129,15 +136,15 @@ def _sample_documents(source: DocumentSource, val_fraction: float, max_bytes: in
             complete = False
             break
         if held is not None:
-            yield held
+            yield give(held)
         held, total, n_train = item.text, total + len(data), n_train + 1
         if progress and n_train % 256 == 0:
             progress("tokenizer sample", source.position, source.total_bytes, 0)
     if held is not None and (not complete or n_val > 0):
-        yield held
+        yield give(held)
     elif complete and n_train == 0 and last_val is not None:
-        yield last_val  # all documents hash to val: the last one becomes the training set
-    info.update(documents=n_train, bytes=total, whole_corpus=complete)
+        yield give(last_val)  # all documents hash to val: the last one becomes the training set
+    info.update(given, whole_corpus=complete)
 
 
 # ---------------------------------------------------------------- reading in batches, in a thread
