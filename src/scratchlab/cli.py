@@ -65,14 +65,22 @@ def _cmd_data_codes(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from scratchlab.families.codec.data import render_summary, validate_codes_dir
+    from scratchlab.data.console import count_progress
+    from scratchlab.families.codec.data import pack_codes_dir, render_summary, validate_codes_dir
 
-    summary = validate_codes_dir(args.dir, codebook_size=args.codebook_size, n_codebooks=args.n_codebooks,
-                                 on_bad="refuse" if args.refuse_bad else "skip", write_summary=True)
+    on_bad = "refuse" if args.refuse_bad else "skip"
+    with count_progress(Console(stderr=True)) as progress:
+        check = pack_codes_dir if args.pack else validate_codes_dir
+        extra = {"out": args.pack} if args.pack else {}
+        summary = check(args.dir, codebook_size=args.codebook_size, n_codebooks=args.n_codebooks, on_bad=on_bad,
+                        write_summary=True, progress=progress, **extra)
     if args.json:
         print(json.dumps(summary.to_json(), indent=2))
     else:
         render_summary(summary, Console())
+    if args.pack:
+        print(f"packed {summary.clips:,} clips into {args.pack}; train on it with data.path={args.pack}",
+              file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -299,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-codebooks", type=int, default=None, help="K (default: the most common K)")
     p.add_argument("--refuse-bad", action="store_true", help="exit 2 if any file is bad (default: skip bad files)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--pack", metavar="OUT", default=None,
+                   help="also write the good clips as one memory-mapped dataset in OUT (train with data.path=OUT)")
     p.set_defaults(func=_cmd_data_codes)
     p = data.add_parser("synth-codes", help="write a learnable synthetic codes dataset (tests, tiny presets)")
     p.add_argument("out")

@@ -55,3 +55,24 @@ def summary_lines(meta: dict) -> list[str]:
         lines.append(f"tokenizer trained on {sample.get('documents', 0):,} documents, "
                      f"{sample.get('bytes', 0) / 1e6:,.1f} MB (--tokenizer-sample-mb {sample.get('max_mb')})")
     return lines
+
+
+@contextmanager
+def count_progress(console) -> Iterator:
+    """A rich progress bar over items (clips), fed as ``hook(phase, done, total)`` (terminals only)."""
+    if not console.is_terminal:
+        yield lambda phase, done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console)
+    tasks: dict[str, int] = {}
+
+    def hook(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=max(total, 1))
+        bar.update(tasks[phase], completed=done)
+
+    with bar:
+        yield hook

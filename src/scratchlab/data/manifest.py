@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -66,11 +66,13 @@ def split_of(key: str | bytes, val_fraction: float, method: HashMethod = "sha256
     return "val" if bucket < val_fraction * 10_000 else "train"
 
 
-def iter_manifest(root: Path, key: str, example: str) -> Iterator[ManifestRow | BadFile]:
+def iter_manifest(root: Path, key: str, example: str,
+                  check: Callable[[dict], str | None] | None = None) -> Iterator[ManifestRow | BadFile]:
     """Every non-blank line of ``root/manifest.jsonl``, as a usable row or a bad entry with its reason.
 
     ``key`` is the field naming the file (``codes`` / ``frames``); ``example`` is a line shown in the
-    error when the folder or the manifest is missing.
+    error when the folder or the manifest is missing; ``check`` (the family's own fields) returns why
+    a row is bad, or None.
     """
     root = Path(root)
     manifest = root / MANIFEST
@@ -95,6 +97,9 @@ def iter_manifest(root: Path, key: str, example: str) -> Iterator[ManifestRow | 
                 yield BadFile(where, f'no "{key}" file name')
                 continue
             name = row[key]
+            if check is not None and (reason := check(row)) is not None:
+                yield BadFile(name, reason)
+                continue
             path = (root / name).resolve()
             if not path.is_relative_to(root_resolved):
                 yield BadFile(name, "path outside the dataset folder")
@@ -106,10 +111,11 @@ def iter_manifest(root: Path, key: str, example: str) -> Iterator[ManifestRow | 
             yield ManifestRow(n, name, path, row)
 
 
-def read_manifest(root: Path, key: str, example: str) -> tuple[list[ManifestRow], list[BadFile]]:
-    """`iter_manifest` collected: (usable rows in manifest order, bad entries)."""
+def read_manifest(root: Path, key: str, example: str,
+                  check: Callable[[dict], str | None] | None = None) -> tuple[list[ManifestRow], list[BadFile]]:
+    """`iter_manifest` collected: (usable rows in manifest order, bad entries in manifest order)."""
     rows: list[ManifestRow] = []
     bad: list[BadFile] = []
-    for item in iter_manifest(root, key, example):
+    for item in iter_manifest(root, key, example, check):
         (rows if isinstance(item, ManifestRow) else bad).append(item)
     return rows, bad
