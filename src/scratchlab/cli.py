@@ -84,6 +84,23 @@ def _cmd_data_codes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_frames(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from scratchlab.data.console import count_progress
+    from scratchlab.families.cascade.data import load_signals, pack_frames_dir
+
+    if args.pack:
+        with count_progress(Console(stderr=True)) as progress:
+            pack_frames_dir(args.dir, args.pack, progress=progress)
+    data = load_signals(args.pack or args.dir)
+    s = data.summary()
+    print(f"{s['train']['clips'] + s['val']['clips']:,} clips, {s['n_features']} features, "
+          f"{s['train']['frames'] + s['val']['frames']:,} frames, frame rate {s['frame_rate'] or '-'}"
+          + (f"\npacked into {args.pack}; train on it with data.path={args.pack}" if args.pack else ""))
+    return 0
+
+
 def _cmd_data_synth_codes(args: argparse.Namespace) -> int:
     from scratchlab.families.codec.data import write_synthetic_codes
 
@@ -310,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", metavar="OUT", default=None,
                    help="also write the good clips as one memory-mapped dataset in OUT (train with data.path=OUT)")
     p.set_defaults(func=_cmd_data_codes)
+    p = data.add_parser("frames", help="validate a cascade feature folder (.npy [T, F] + manifest.jsonl); --pack it")
+    p.add_argument("dir", help="folder holding manifest.jsonl and the .npy frames")
+    p.add_argument("--pack", metavar="OUT", default=None,
+                   help="write the clips as one memory-mapped dataset in OUT (train with data.path=OUT)")
+    p.set_defaults(func=_cmd_data_frames)
     p = data.add_parser("synth-codes", help="write a learnable synthetic codes dataset (tests, tiny presets)")
     p.add_argument("out")
     p.add_argument("--clips", type=int, default=64)

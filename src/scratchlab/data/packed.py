@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -188,3 +188,22 @@ class PackedClips:
     def duration(self, i: int) -> float | None:
         d = float(self.durations[i])
         return None if np.isnan(d) else d
+
+
+class ClipView(Sequence):
+    """Some clips of a packed dataset (a split) as a sequence of memory-mapped ``[T, width]`` views.
+
+    ``lengths`` lets window sampling skip building a view per clip.
+    """
+
+    def __init__(self, store: PackedClips, indices: list[int]) -> None:
+        self.store, self.indices = store, list(indices)
+        self.lengths = store.lengths[self.indices] if self.indices else np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.store.codes(j) for j in self.indices[i]]
+        return self.store.codes(self.indices[i])
