@@ -233,3 +233,36 @@ def test_cli_prints_the_summary(sources, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "documents 40, tokens " in out and "bytes/token" in out and "train " in out and "val " in out
     assert "tokenizer trained on " in out and "use it with: scratchlab train data.path=" in out
+
+
+def test_reading_ahead_is_bounded(monkeypatch):
+    """The reader thread never runs more than QUEUE_BATCHES ahead of the tokenizer: memory is a few batches."""
+    import threading
+    import time
+
+    produced = []
+
+    def endless():
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    stop = threading.Event()
+    reader = prep._read_ahead(endless(), stop)
+    assert next(reader) == 0
+    time.sleep(0.3)
+    assert len(produced) <= 1 + prep.QUEUE_BATCHES + 1
+    reader.close()
+    assert stop.is_set()
+
+
+def test_tiny_batches_and_commits_write_the_same_shards(sources, tmp_path, monkeypatch):
+    kwargs = dict(vocab_size=300, val_fraction=0.2, text_field="body")
+    whole = prepare_text(sources["jsonl"], tmp_path / "whole", **kwargs)
+    commits = []
+    real = prep.write_progress
+    monkeypatch.setattr(prep, "write_progress", lambda *a: (commits.append(1), real(*a)))
+    monkeypatch.setattr(prep, "BATCH_BYTES", 500)
+    small = prepare_text(sources["jsonl"], tmp_path / "small", commit_mb=0.001, **kwargs)
+    assert len(commits) > 30  # one commit (a resume point) per few documents
+    assert written_files(small) == written_files(whole)

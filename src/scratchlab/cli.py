@@ -51,10 +51,15 @@ def _cmd_data_text(args: argparse.Namespace) -> int:
     from scratchlab.data.console import summary_lines, text_progress
     from scratchlab.data.text import prepare_text
 
-    with text_progress(Console(stderr=True)) as progress:
-        out = prepare_text(args.src, args.out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
-                           val_fraction=args.val_fraction, text_field=args.text_field,
-                           tokenizer_sample_mb=args.tokenizer_sample_mb, commit_mb=args.commit_mb, progress=progress)
+    try:
+        with text_progress(Console(stderr=True)) as progress:
+            out = prepare_text(args.src, args.out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
+                               val_fraction=args.val_fraction, text_field=args.text_field,
+                               tokenizer_sample_mb=args.tokenizer_sample_mb, commit_mb=args.commit_mb,
+                               progress=progress)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue from the last commit", file=sys.stderr)
+        return 130
     meta = json.loads((out / "meta.json").read_text())
     print("\n".join([f"wrote {out}", *summary_lines(meta), f"use it with: scratchlab train data.path={out}"]))
     return 0

@@ -235,7 +235,11 @@ class DocumentSource:
             from datasets import DatasetDict, load_from_disk
         except ImportError:
             raise missing_extra("datasets", f"reading the saved dataset {self.path}") from None
-        loaded = load_from_disk(str(self.path))  # memory-mapped arrow files: nothing is loaded yet
+        try:
+            loaded = load_from_disk(str(self.path))  # memory-mapped arrow files: nothing is loaded yet
+        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a damaged folder
+            raise UserError(f"{self.path} looks like a saved Hugging Face dataset but load_from_disk failed "
+                            f"({type(exc).__name__}: {str(exc)[:200]}); check the folder") from exc
         parts = [loaded[k] for k in sorted(loaded)] if isinstance(loaded, DatasetDict) else [loaded]
         total_rows = max(sum(len(p) for p in parts), 1)
         done = 0
