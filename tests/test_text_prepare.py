@@ -137,7 +137,8 @@ def test_nothing_left_is_one_line_not_a_traceback(tmp_path, capsys):
     assert main(["data", "text", str(latin), "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "0 usable text document(s); skipped 2 undecodable (first: " in err and "latin1.jsonl:1" in err
+    assert "has no text documents; skipped 2 undecodable (first: " in err and "latin1.jsonl:1" in err
+    assert "binary or not UTF-8" in err and not (tmp_path / "d").exists()  # nothing written
     folder = tmp_path / "latin"
     folder.mkdir()
     (folder / "a.txt").write_bytes("na\xefve".encode("latin-1"))

@@ -258,6 +258,7 @@ def prepare_text(
     options = {"source": fingerprint, "vocab_size": vocab_size, "val_fraction": val_fraction,
                "text_field": text_field, "tokenizer_sample_bytes": sample_bytes,
                "tokenizer": _sha256_file(Path(tokenizer_path)) if tokenizer_path is not None else None}
+    _check_documents(source)
     out.mkdir(parents=True, exist_ok=True)
     state = _load_progress(out, options) if fingerprint is not None else None
 
@@ -291,8 +292,8 @@ def prepare_text(
     _encode_all(source, out, options, state, tokenizer, eos_id, dtype, val_fraction, int(commit_mb * 1e6),
                 digest, progress, fingerprint is not None)
     documents = sum(state.documents.values())
-    if documents < 2:
-        raise _nothing_left(source, state, documents)
+    if documents < 2:  # the source changed under us since the check
+        raise _nothing_left(source, documents, state.skipped, state.first_skip)
     _keep_both_splits(out, options, state, dtype, fingerprint is not None)
 
     _write_atomic(out / "token_bytes.npy", lambda p: np.save(open(p, "wb"), token_byte_lengths(tokenizer)))
@@ -317,12 +318,26 @@ def prepare_text(
     return out
 
 
-def _nothing_left(source: DocumentSource, state: _State, documents: int) -> UserError:
-    skipped = ", ".join(f"{n} {reason} (first: {state.first_skip.get(reason, '?')})"
-                        for reason, n in sorted(state.skipped.items()))
-    return UserError(f"data source {source.describe()} has {documents} usable text document(s)"
-                     + (f"; skipped {skipped}" if skipped else "")
-                     + "; need at least 2 (check the path, --text-field and the files' encoding: UTF-8)")
+def _nothing_left(source: DocumentSource, documents: int, skipped: dict[str, int], first: dict[str, str]) -> UserError:
+    why = ", ".join(f"{n} {reason} (first: {first.get(reason, '?')})" for reason, n in sorted(skipped.items()))
+    hint = " (undecodable: binary or not UTF-8)" if "undecodable" in skipped else ""
+    head = "no text documents" if documents == 0 else f"only {documents} text document (2 are needed: train and val)"
+    return UserError(f"data source {source.describe()} has {head}" + (f"; skipped {why}{hint}" if why else "")
+                     + "; check the path, --text-field and that the files are UTF-8 text")
+
+
+def _check_documents(source: DocumentSource) -> None:
+    """At least 2 documents, found before anything is written (reads only until the second one)."""
+    documents, skipped, first = 0, {}, {}
+    for item in source:
+        if item.text is not None:
+            documents += 1
+            if documents == 2:
+                return
+        else:
+            skipped[item.skipped] = skipped.get(item.skipped, 0) + 1
+            first.setdefault(item.skipped, item.where)
+    raise _nothing_left(source, documents, skipped, first)
 
 
 def _encode_all(source, out, options, state, tokenizer, eos_id, dtype, val_fraction, commit_bytes, digest,
