@@ -181,7 +181,7 @@ def bench_text(sizes_gb: list[float], formats: list[str], work: Path) -> list[di
         print(f"corpus {gb} GB generated in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         tokenizer = str(folder / "tokenizer.json")
         trained = worker("train-tokenizer", [str(jsonl), tokenizer])
-        ceiling_args = [str(jsonl), tokenizer, str(min(gb * 1000, 100))]
+        ceiling_args = [str(jsonl), tokenizer, str(min(gb * 1000, 20))]
         for fmt in formats:
             src = convert(jsonl, fmt, folder)
             # The ceiling is measured right before and after each run: a shared machine's load hits both alike.

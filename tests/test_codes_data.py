@@ -449,6 +449,16 @@ def test_cli_pack_skips_and_names_bad_files_and_trains(tmp_path, capsys):
     assert len(said) == 1 and "skipping 1 bad file(s)" in said[0] and "clip_00004.npy: K=2" in said[0]
     batch = task.train_batch(4, torch.Generator().manual_seed(0))
     assert batch["input_ids"].shape[0] == 4
+    # What training passes as `announce` is its reporter: the line reaches the console (and train.log).
+    import io
+
+    from rich.console import Console
+
+    from scratchlab.train.progress import Reporter
+
+    screen = io.StringIO()
+    build_task(cfg, Reporter(Console(file=screen, width=300)))
+    assert "skipping 1 bad file(s)" in screen.getvalue() and "clip_00004.npy" in screen.getvalue()
 
 
 @pytest.mark.parametrize("declared_in", ["codec.json", "summary.json"])

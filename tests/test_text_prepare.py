@@ -267,3 +267,17 @@ def test_tiny_batches_and_commits_write_the_same_shards(sources, tmp_path, monke
     small = prepare_text(sources["jsonl"], tmp_path / "small", commit_mb=0.001, **kwargs)
     assert len(commits) > 30  # one commit (a resume point) per few documents
     assert written_files(small) == written_files(whole)
+
+
+def test_prepare_stdlib_announces_through_the_trainers_reporter(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from scratchlab.data.text import prepare_stdlib
+    from scratchlab.train.progress import Reporter
+
+    monkeypatch.setenv("SCRATCHLAB_CACHE", str(tmp_path))
+    screen = io.StringIO()
+    out = prepare_stdlib(300, max_mb=0.2, announce=Reporter(Console(file=screen, width=300)))
+    assert "preparing the default corpus" in screen.getvalue() and (out / "meta.json").is_file()

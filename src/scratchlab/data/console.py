@@ -8,6 +8,14 @@ from contextlib import contextmanager
 from scratchlab.data.prepare import ProgressHook
 
 
+def say(announce, message: str) -> None:
+    """Tell ``announce`` a line: a callable(str), or the trainer's reporter (its ``info``); None says nothing."""
+    if announce is None:
+        return
+    info = getattr(announce, "info", None)
+    (info if callable(info) else announce)(message)
+
+
 @contextmanager
 def text_progress(console) -> Iterator[ProgressHook]:
     """A rich progress bar (MB read, tokens written, MB/s, ETA) fed by `prepare_text`'s hook (terminals only:

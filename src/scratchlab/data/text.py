@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scratchlab.data.console import say
 from scratchlab.data.manifest import split_of
 from scratchlab.data.prepare import META_VERSION, prepare_text
 from scratchlab.data.sources import DocumentSource
@@ -100,7 +101,7 @@ def cache_dir() -> Path:
 def prepare_stdlib(vocab_size: int = 4096, max_mb: float = 0.0, announce: Callable[[str], None] | None = None) -> Path:
     """The default corpus, prepared once per (Python version, vocab, size cap) and cached.
 
-    ``announce`` is told when the (slow, ~20 s) preparation actually runs. Each file is one document,
+    ``announce`` (a callable or the trainer's reporter) is told when the (slow, ~20 s) preparation actually runs. Each file is one document,
     streamed like any other source (no list of the corpus is built).
     """
     import sys
@@ -111,8 +112,7 @@ def prepare_stdlib(vocab_size: int = 4096, max_mb: float = 0.0, announce: Callab
     out = cache_dir() / f"stdlib-{tag}"
     if (out / "meta.json").exists():
         return out
-    if announce:
-        announce(f"preparing the default corpus: {len(files)} standard-library files -> {out} (once; cached)")
+    say(announce, f"preparing the default corpus: {len(files)} standard-library files -> {out} (once; cached)")
     source = DocumentSource.from_files(files)
     n_docs = sum(1 for item in source if item.text is not None)
     return prepare_text(source, out, vocab_size=vocab_size, source_name=f"python stdlib ({n_docs} files)")

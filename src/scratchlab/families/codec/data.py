@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from scratchlab.data.console import say
 from scratchlab.data.manifest import MANIFEST, BadFile, read_manifest, split_of as _split_of
 from scratchlab.data.packed import PackedClips, is_packed, pack_writer
 from scratchlab.data.windows import WindowMode, clip_window_start
@@ -554,12 +555,12 @@ def open_codes_data(
     n_codebooks: int | None = None,
     on_bad: OnBad = "skip",
     val_fraction: float = 0.05,
-    announce: Callable[[str], None] | None = None,
+    announce=None,
 ) -> CodesData:
     """Open a codes dataset: a packed one (memory-mapped, nothing scanned) or a folder (validated, in memory).
 
     Split by a hash of each file name. Bad files are refused (``on_bad="refuse"``) or skipped, and then
-    named through ``announce`` (one line) and in ``meta``.
+    named through ``announce`` (one line; a callable or the trainer's reporter) and in ``meta``.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -582,8 +583,8 @@ def open_codes_data(
         store = [CodeClip(e.name, arr, e.text, e.tags, e.duration_s) for e, arr in zip(scan.entries, scan.arrays)]
     if on_bad == "refuse" and summary.bad:
         _refuse(summary)
-    if summary.bad and announce is not None:
-        announce(skipped_note(summary))
+    if summary.bad:
+        say(announce, skipped_note(summary))
     return CodesData(store, summary, val_fraction)
 
 
