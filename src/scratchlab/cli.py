@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data_text)
     p = data.add_parser("codes", help="validate and summarize a codes dataset (.npy [T, K] + manifest.jsonl)")
     p.add_argument("dir", help="folder holding manifest.jsonl and the .npy files; summary.json is written there")
-    p.add_argument("--codebook-size", type=int, default=None, help="the codec's codebook size (default: inferred)")
+    p.add_argument("--codebook-size", type=int, default=None,
+                   help="the codec's codebook size (default: codec.json, else inferred)")
     p.add_argument("--n-codebooks", type=int, default=None, help="K (default: the most common K)")
     p.add_argument("--refuse-bad", action="store_true", help="exit 2 if any file is bad (default: skip bad files)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
