@@ -367,3 +367,30 @@ def test_preset_beats_the_copy_baseline(tmp_path):
     assert last["val_loss"] < 0.5 * last["val_copy_baseline"]
     findings = [json.loads(line)["code"] for line in (result.run_dir / "findings.jsonl").read_text().splitlines()]
     assert findings == []
+
+
+def test_packed_frames_equal_the_folder(tmp_path, capsys):
+    from scratchlab.cli import main
+    from scratchlab.families.cascade.data import get_windows, load_signals
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "f"
+    folder.mkdir()
+    names = [f"c{i:02d}.npy" for i in range(12)]
+    for i, n in enumerate(names):
+        np.save(folder / n, rng.normal(size=(40 + 3 * i, 5)).astype(np.float32))
+    (folder / "manifest.jsonl").write_text("".join(json.dumps({"frames": n, "frame_rate": 25}) + "\n" for n in names))
+    assert main(["data", "frames", str(folder), "--pack", str(tmp_path / "p")]) == 0
+    assert "12 clips, 5 features" in capsys.readouterr().out
+    a, b = load_signals(str(folder), 0.25), load_signals(str(tmp_path / "p"), 0.25)
+    assert a.train_names == b.train_names and a.val_names == b.val_names and b.frame_rate == 25.0
+    assert a.summary()["train"] == b.summary()["train"] and b.n_features == 5
+    for clip in range(len(a.train)):
+        assert np.array_equal(a.train[clip], b.train[clip])
+    for mode in ("random", "fixed"):
+        wa = get_windows(a.train, 16, 8, mode, generator=torch.Generator().manual_seed(1), count=20)
+        wb = get_windows(b.train, 16, 8, mode, generator=torch.Generator().manual_seed(1), count=20)
+        assert torch.equal(wa, wb)
+    np.save(folder / "c03.npy", np.full((40, 5), np.nan, dtype=np.float32))
+    assert main(["data", "frames", str(folder), "--pack", str(tmp_path / "p2")]) == 2
+    assert "c03.npy (contains NaN" in capsys.readouterr().err and not (tmp_path / "p2" / "pack.json").exists()

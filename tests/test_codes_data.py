@@ -373,3 +373,109 @@ def test_cli_codes_and_synth(tmp_path, capsys):
     assert main(["data", "codes", str(out), "--refuse-bad"]) == 2
     err = capsys.readouterr().err
     assert "clip_00002.npy: K=2 codebooks, expected 3" in err and len(err.strip().splitlines()) == 1
+
+
+# -- packed datasets
+
+
+def test_packed_windows_and_batches_equal_unpacked(synth, tmp_path):
+    from scratchlab.families.codec.data import pack_codes_dir
+
+    packed = tmp_path / "packed"
+    summary = pack_codes_dir(synth, packed)
+    a, b = open_codes_data(synth, val_fraction=0.2), open_codes_data(packed, val_fraction=0.2)
+    assert summary.clips == len(a) == len(b) == 40
+    assert a.splits == b.splits and a.frame_rate == b.frame_rate and a.codebook_size == b.codebook_size
+    assert [c.name for c in a.clips] == [c.name for c in b.clips]
+    for i in (0, 7, 39):
+        ca, cb = a.clip(i), b.clip(i)
+        assert np.array_equal(ca.codes, cb.codes) and (ca.text, ca.tags, ca.duration_s) == (cb.text, cb.tags, cb.duration_s)
+    pattern = DelayPattern.preset("musicgen", 4)
+    for i in range(len(a)):
+        for start in (0, 3, len(a.clip(i).codes) // 2):
+            wa, wb = a.window(i, start, 24, pattern), b.window(i, start, 24, pattern)
+            assert torch.equal(wa["input_ids"], wb["input_ids"]) and torch.equal(wa["labels"], wb["labels"])
+    for mode, split, gen in (("random", "train", 5), ("fixed", "val", None)):
+        ga = torch.Generator().manual_seed(gen) if gen is not None else None
+        gb = torch.Generator().manual_seed(gen) if gen is not None else None
+        ba = a.batch(split, 16, 30, mode, ga, 1, pattern=pattern, uncond_prob=0.3)
+        bb = b.batch(split, 16, 30, mode, gb, 1, pattern=pattern, uncond_prob=0.3)
+        assert all(torch.equal(ba[k], bb[k]) for k in ba)
+    assert b.meta["packed"] == str(packed) and b.meta["splits"] == a.meta["splits"]
+    assert b.condition_text("val", 0) == a.condition_text("val", 0)
+
+
+def test_a_packed_dataset_opens_without_reading_the_clip_files(synth, tmp_path, monkeypatch):
+    from scratchlab.families.codec.data import pack_codes_dir
+
+    packed = tmp_path / "p"
+    pack_codes_dir(synth, packed)
+
+    def no_npy(*args, **kwargs):
+        raise AssertionError("a packed dataset must not re-scan the .npy files")
+
+    monkeypatch.setattr("scratchlab.families.codec.data._load", no_npy)
+    data = open_codes_data(packed, val_fraction=0.2)
+    assert data.n_clips("train") + data.n_clips("val") == 40
+    with pytest.raises(UserError, match="codes up to 63 >= codebook size 32"):
+        open_codes_data(packed, codebook_size=32)
+    assert open_codes_data(packed, codebook_size=128).codebook_size == 128
+    (packed / "clips.bin").write_bytes((packed / "clips.bin").read_bytes()[:-2])
+    with pytest.raises(UserError, match="truncated"):
+        open_codes_data(packed)
+
+
+def test_cli_pack_skips_and_names_bad_files_and_trains(tmp_path, capsys):
+    from scratchlab.config import load_config
+    from scratchlab.families.registry import build_task
+
+    src = tmp_path / "syn"
+    assert main(["data", "synth-codes", str(src), "--clips", "12", "--frames", "60", "--codebooks", "3"]) == 0
+    np.save(src / "clip_00004.npy", np.zeros((5, 2), dtype=np.int16))
+    out = tmp_path / "packed"
+    assert main(["data", "codes", str(src), "--pack", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "clip_00004.npy" in printed and f"packed 11 clips into {out}" in printed
+    assert main(["data", "codes", str(src), "--pack", str(tmp_path / "refused"), "--refuse-bad"]) == 2
+    assert not (tmp_path / "refused" / "pack.json").exists()
+    (tmp_path / "not_a_pack").mkdir()
+    (tmp_path / "not_a_pack" / "keep.txt").write_text("mine")
+    assert main(["data", "codes", str(src), "--pack", str(tmp_path / "not_a_pack")]) == 2
+    said = []
+    cfg = load_config("musicgen-tiny", [f"data.path={out}", "data.val_fraction=0.2", "model.max_seq_len=64",
+                                        "train.seq_len=16"])
+    cfg, task = build_task(cfg, said.append)
+    assert task.data.n_clips("train") + task.data.n_clips("val") == 11 and task.data.n_codebooks == 3
+    assert len(said) == 1 and "skipping 1 bad file(s)" in said[0] and "clip_00004.npy: K=2" in said[0]
+    batch = task.train_batch(4, torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape[0] == 4
+    # What training passes as `announce` is its reporter: the line reaches the console (and train.log).
+    import io
+
+    from rich.console import Console
+
+    from scratchlab.train.progress import Reporter
+
+    screen = io.StringIO()
+    build_task(cfg, Reporter(Console(file=screen, width=300)))
+    assert "skipping 1 bad file(s)" in screen.getvalue() and "clip_00004.npy" in screen.getvalue()
+
+
+@pytest.mark.parametrize("declared_in", ["codec.json", "summary.json"])
+def test_codebook_size_comes_from_the_declared_metadata(tmp_path, declared_in):
+    clips = {f"c{i}.npy": ramp(20, k=2, base=i) for i in range(4)}
+    clips["loud.npy"] = ramp(20, k=2)
+    clips["loud.npy"][3, 0] = 5000  # one out-of-range value: 8192 if inferred
+    root = write_dataset(tmp_path / "d", clips)
+    assert validate_codes_dir(root).codebook_size == 8192  # nothing declared: inferred, as before
+    if declared_in == "codec.json":
+        (root / "codec.json").write_text(json.dumps({"codebook_size": 2048, "n_codebooks": 2}))
+    else:
+        validate_codes_dir(root, codebook_size=2048, write_summary=True)  # `data codes DIR --codebook-size 2048`
+    said = []
+    data = open_codes_data(root, val_fraction=0.0, announce=said.append)
+    assert data.codebook_size == 2048 and data.summary.codebook_size_from == declared_in
+    assert sorted(c.name for c in data.clips) == [f"c{i}.npy" for i in range(4)]
+    assert "loud.npy: code 5000 >= codebook size 2048 (declared in " + declared_in + ")" in said[0]
+    with pytest.raises(UserError, match="loud.npy"):
+        open_codes_data(root, on_bad="refuse")

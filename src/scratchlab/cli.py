@@ -47,16 +47,22 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_data_text(args: argparse.Namespace) -> int:
     import json
 
+    from rich.console import Console
+
+    from scratchlab.data.console import summary_lines, text_progress
     from scratchlab.data.text import prepare_text
 
-    out = prepare_text(args.src, args.out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
-                       val_fraction=args.val_fraction)
+    try:
+        with text_progress(Console(stderr=True)) as progress:
+            out = prepare_text(args.src, args.out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
+                               val_fraction=args.val_fraction, text_field=args.text_field,
+                               tokenizer_sample_mb=args.tokenizer_sample_mb, commit_mb=args.commit_mb,
+                               progress=progress)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue from the last commit", file=sys.stderr)
+        return 130
     meta = json.loads((out / "meta.json").read_text())
-    s = meta["splits"]
-    print(
-        f"wrote {out}: vocab {meta['vocab_size']}, train {s['train']['tokens']:,} tokens / {s['train']['documents']} docs, "
-        f"val {s['val']['tokens']:,} tokens / {s['val']['documents']} docs\nuse it with: scratchlab train data.path={out}"
-    )
+    print("\n".join([f"wrote {out}", *summary_lines(meta), f"use it with: scratchlab train data.path={out}"]))
     return 0
 
 
@@ -65,14 +71,39 @@ def _cmd_data_codes(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from scratchlab.families.codec.data import render_summary, validate_codes_dir
+    from scratchlab.data.console import count_progress
+    from scratchlab.families.codec.data import pack_codes_dir, render_summary, validate_codes_dir
 
-    summary = validate_codes_dir(args.dir, codebook_size=args.codebook_size, n_codebooks=args.n_codebooks,
-                                 on_bad="refuse" if args.refuse_bad else "skip", write_summary=True)
+    on_bad = "refuse" if args.refuse_bad else "skip"
+    with count_progress(Console(stderr=True)) as progress:
+        check = pack_codes_dir if args.pack else validate_codes_dir
+        extra = {"out": args.pack} if args.pack else {}
+        summary = check(args.dir, codebook_size=args.codebook_size, n_codebooks=args.n_codebooks, on_bad=on_bad,
+                        write_summary=True, progress=progress, **extra)
     if args.json:
         print(json.dumps(summary.to_json(), indent=2))
     else:
         render_summary(summary, Console())
+    if args.pack:
+        print(f"packed {summary.clips:,} clips into {args.pack}; train on it with data.path={args.pack}",
+              file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _cmd_data_frames(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from scratchlab.data.console import count_progress
+    from scratchlab.families.cascade.data import load_signals, pack_frames_dir
+
+    if args.pack:
+        with count_progress(Console(stderr=True)) as progress:
+            pack_frames_dir(args.dir, args.pack, progress=progress)
+    data = load_signals(args.pack or args.dir)
+    s = data.summary()
+    print(f"{s['train']['clips'] + s['val']['clips']:,} clips, {s['n_features']} features, "
+          f"{s['train']['frames'] + s['val']['frames']:,} frames, frame rate {s['frame_rate'] or '-'}"
+          + (f"\npacked into {args.pack}; train on it with data.path={args.pack}" if args.pack else ""))
     return 0
 
 
@@ -284,20 +315,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sample)
 
     data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("text", help="tokenize text into a data dir (BPE + token shards)")
-    p.add_argument("src", help="a folder of text files, a text file, or a .jsonl with a 'text' field")
-    p.add_argument("--out", required=True, help="output data dir")
+    p = data.add_parser("text", help="tokenize text into a data dir (BPE + token shards; streams, resumable)")
+    p.add_argument("src", help="a folder of text files, a text file, .jsonl[.gz|.zst], parquet file(s) or a "
+                               "dataset saved with datasets.save_to_disk (parquet/zst/HF: pip install 'scratchlab[data]')")
+    p.add_argument("--out", required=True, help="output data dir (run again after an interruption to resume)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
     p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--text-field", default="text", help="the text column of jsonl / parquet / HF records")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=100.0,
+                   help="train the tokenizer on the first N MB of training documents (default 100)")
+    p.add_argument("--commit-mb", type=float, default=64.0,
+                   help="text between resume points (default 64): at most this much is redone after a kill")
     p.set_defaults(func=_cmd_data_text)
     p = data.add_parser("codes", help="validate and summarize a codes dataset (.npy [T, K] + manifest.jsonl)")
     p.add_argument("dir", help="folder holding manifest.jsonl and the .npy files; summary.json is written there")
-    p.add_argument("--codebook-size", type=int, default=None, help="the codec's codebook size (default: inferred)")
+    p.add_argument("--codebook-size", type=int, default=None,
+                   help="the codec's codebook size (default: codec.json, else inferred)")
     p.add_argument("--n-codebooks", type=int, default=None, help="K (default: the most common K)")
     p.add_argument("--refuse-bad", action="store_true", help="exit 2 if any file is bad (default: skip bad files)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--pack", metavar="OUT", default=None,
+                   help="also write the good clips as one memory-mapped dataset in OUT (train with data.path=OUT)")
     p.set_defaults(func=_cmd_data_codes)
+    p = data.add_parser("frames", help="validate a cascade feature folder (.npy [T, F] + manifest.jsonl); --pack it")
+    p.add_argument("dir", help="folder holding manifest.jsonl and the .npy frames")
+    p.add_argument("--pack", metavar="OUT", default=None,
+                   help="write the clips as one memory-mapped dataset in OUT (train with data.path=OUT)")
+    p.set_defaults(func=_cmd_data_frames)
     p = data.add_parser("synth-codes", help="write a learnable synthetic codes dataset (tests, tiny presets)")
     p.add_argument("out")
     p.add_argument("--clips", type=int, default=64)

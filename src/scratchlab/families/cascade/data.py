@@ -2,6 +2,8 @@
 
 Two sources, chosen by ``data.path``:
 
+- a packed feature folder (`pack_frames_dir`, ``scratchlab data frames DIR --pack OUT``): one
+  memory-mapped file plus an index (data/packed.py), opened without reading any clip;
 - a folder of ``.npy`` float arrays shaped [T, F] (frames x features: mel bins, codec latents, ...)
   listed in ``manifest.jsonl``, one ``{"frames": "clip.npy", ...}`` object a line (other keys are
   kept but unused). Every file is validated; bad ones are listed by name and the data is refused,
@@ -25,19 +27,19 @@ first ``horizon`` frames zeroed; the model still takes it as a separate path, as
 
 from __future__ import annotations
 
-import hashlib
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from scratchlab.data.manifest import MANIFEST, ManifestRow, read_manifest, split_of
+from scratchlab.data.packed import ClipView, PackedClips, is_packed, pack_writer, split_key
 from scratchlab.data.windows import WindowMode, clip_window_starts
 from scratchlab.errors import UserError
 
 SYNTHETIC = "synthetic"
-MANIFEST = "manifest.jsonl"
 
 # The synthetic signal: clips x frames, features mixed from a few drifting sinusoids.
 SYNTH_FEATURES = 8
@@ -54,8 +56,8 @@ SYNTH_FRAME_RATE = 25.0  # nominal: only turns `scratchlab sample --seconds` int
 class SignalData:
     """Train and val clips (float32 arrays [T, F]) and where they came from."""
 
-    train: list[np.ndarray]
-    val: list[np.ndarray]
+    train: Sequence[np.ndarray]  # a list, or a `ClipView` into a packed dataset
+    val: Sequence[np.ndarray]
     n_features: int
     source: str  # "synthetic" or the folder's absolute path
     train_names: list[str] = field(default_factory=list)
@@ -102,102 +104,152 @@ def synthetic_data() -> SignalData:
 
 def is_val_clip(name: str, val_fraction: float) -> bool:
     """Deterministic split by a hash of the file name: stable across machines and when clips are added."""
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+    return split_of(name, val_fraction, "sha256") == "val"
 
 
-def _read_manifest(root: Path) -> list[dict]:
-    manifest = root / MANIFEST
-    if not manifest.is_file():
-        raise UserError(f"data.path {root}: no {MANIFEST}; write one line {{\"frames\": \"clip.npy\"}} per clip "
-                        "(or use data.path=synthetic)")
-    names = []
-    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{manifest}:{n}: invalid JSON ({exc.msg}); one object a line") from exc
-        if not isinstance(entry, dict) or not isinstance(entry.get("frames"), str):
-            raise UserError(f"{manifest}:{n}: each line needs a \"frames\" file name (got {line[:80]!r})")
-        names.append(entry)
-    if not names:
-        raise UserError(f"{manifest} lists no clips; add {{\"frames\": \"clip.npy\"}} lines")
-    return names
+def _read_manifest(root: Path) -> list[ManifestRow]:
+    """The manifest's rows; any line that is not a usable row refuses the data (cascade folders are all-or-nothing)."""
+    rows, bad = read_manifest(root, "frames", '{"frames": "clip.npy"}')
+    if bad:
+        raise UserError(f"data.path {root}: {MANIFEST}: " + "; ".join(f"{b.file}: {b.reason}" for b in bad[:5])
+                        + f"; fix {MANIFEST} (one {{\"frames\": \"clip.npy\"}} object a line)")
+    if not rows:
+        raise UserError(f"{root / MANIFEST} lists no clips; add {{\"frames\": \"clip.npy\"}} lines")
+    return rows
 
 
-def _load_clip(root: Path, name: str) -> tuple[np.ndarray | None, str | None]:
+def _frames_problem(array: np.ndarray) -> str | None:
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
+        return f"dtype {getattr(array, 'dtype', type(array).__name__)}, expected float"
+    if array.ndim != 2:
+        return f"shape {array.shape}, expected [frames, features]"
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        return f"empty (shape {array.shape})"
+    return None
+
+
+def _load_clip(path: Path) -> tuple[np.ndarray | None, str | None]:
     """(frames as float32, None) or (None, why the file is bad)."""
-    path = (root / name).resolve()
-    if root.resolve() not in path.parents:
-        return None, "outside the data folder"
     if not path.is_file():
         return None, "missing"
     try:
         array = np.load(path, allow_pickle=False)  # no pickle: a data file must not run code
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported by name
         return None, f"unreadable ({type(exc).__name__})"
-    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
-        return None, f"dtype {getattr(array, 'dtype', type(array).__name__)}, expected float"
-    if array.ndim != 2:
-        return None, f"shape {array.shape}, expected [frames, features]"
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        return None, f"empty (shape {array.shape})"
+    if (why := _frames_problem(array)) is not None:
+        return None, why
     if not np.isfinite(array).all():
         return None, "contains NaN/Inf"
     return array.astype(np.float32, copy=False), None
 
 
-def load_feature_folder(root: str | Path, val_fraction: float = 0.1) -> SignalData:
-    """Read and validate a feature folder; any bad file refuses the data with every bad file named."""
-    root = Path(root)
+def _frame_rate(rows: list[ManifestRow]) -> float | None:
+    rates = {r.row.get("frame_rate") for r in rows}
+    rate = rates.pop() if len(rates) == 1 else None
+    return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0 else None
+
+
+def _scan_frames(root: Path, sink=None, keep: bool = True, progress=None) -> tuple[list[ManifestRow], dict, float | None]:
+    """Validate every clip, one at a time; any bad file refuses the data with every bad file named.
+
+    Pass 1 reads headers only, to find the features width most clips have; pass 2 loads each clip,
+    checks it, and keeps it (``keep``) and/or hands it to ``sink`` (packing).
+    """
     if not root.is_dir():
         raise UserError(f"data.path {root} is not a folder; give a folder of .npy frames with {MANIFEST}, "
                         "or data.path=synthetic")
-    entries = _read_manifest(root)
-    names = [e["frames"] for e in entries]
-    rates = {e.get("frame_rate") for e in entries}
-    rate = rates.pop() if len(rates) == 1 else None
-    frame_rate = float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0 else None
+    rows = _read_manifest(root)
+    widths: dict[str, int] = {}
+    for r in rows:
+        try:
+            header = np.load(r.path, allow_pickle=False, mmap_mode="r")
+            if header.ndim == 2 and np.issubdtype(header.dtype, np.floating):
+                widths[r.name] = int(header.shape[1])
+        except Exception:  # noqa: BLE001 - pass 2 names the problem
+            pass
+    common = max(sorted(set(widths.values())), key=lambda w: sum(v == w for v in widths.values()), default=None)
     clips: dict[str, np.ndarray] = {}
     bad: list[str] = []
-    for name in names:
-        array, why = _load_clip(root, name)
+    for n, r in enumerate(rows):
+        if progress and n % 256 == 0:
+            progress("checking frames", n, len(rows))
+        array, why = _load_clip(r.path)
+        if why is None and array.shape[1] != common:  # the most common width is taken as right
+            why = f"{array.shape[1]} features, most clips have {common}"
         if why is not None:
-            bad.append(f"{name} ({why})")
-        else:
-            clips[name] = array
-    widths = sorted({a.shape[1] for a in clips.values()})
-    if len(widths) > 1:  # the most common width is taken as right; the others are named
-        common = max(widths, key=lambda w: sum(a.shape[1] == w for a in clips.values()))
-        bad += [f"{n} ({a.shape[1]} features, most clips have {common})" for n, a in clips.items() if a.shape[1] != common]
+            bad.append(f"{r.name} ({why})")
+            continue
+        if keep:
+            clips[r.name] = array
+        if sink is not None and not bad:
+            sink(r.name, array)
+    if progress:
+        progress("checking frames", len(rows), len(rows))
     if bad:
         shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise UserError(f"data.path {root}: {len(bad)} bad file(s): {shown}; fix or remove them from {MANIFEST}")
-    train_names = [n for n in clips if not is_val_clip(n, val_fraction)]
-    val_names = [n for n in clips if is_val_clip(n, val_fraction)]
-    # A tiny folder can leave a split empty: move the clip with the smallest hash across (deterministic).
-    if len(clips) < 2:
-        raise UserError(f"data.path {root}: {len(clips)} clip(s); at least 2 are needed (train and validation)")
-    key = lambda n: hashlib.sha256(n.encode()).digest()  # noqa: E731
-    if not val_names:
-        val_names = [min(train_names, key=key)]
-        train_names.remove(val_names[0])
-    if not train_names:
-        train_names = [min(val_names, key=key)]
-        val_names.remove(train_names[0])
-    return SignalData([clips[n] for n in train_names], [clips[n] for n in val_names], widths[0],
-                      str(root.resolve()), train_names, val_names, frame_rate)
+    if len(rows) < 2:
+        raise UserError(f"data.path {root}: {len(rows)} clip(s); at least 2 are needed (train and validation)")
+    return rows, clips, _frame_rate(rows)
+
+
+def _split_names(names: list[str], keys: list[int], val_fraction: float) -> tuple[list[int], list[int]]:
+    """Indices of the train and val clips; a tiny folder that leaves a split empty moves the clip with the
+    smallest hash across (deterministic)."""
+    val = [i for i, k in enumerate(keys) if k / 2**64 < val_fraction]
+    train = [i for i, k in enumerate(keys) if not k / 2**64 < val_fraction]
+    if not val:
+        val = [min(train, key=lambda i: keys[i])]
+        train.remove(val[0])
+    if not train:
+        train = [min(val, key=lambda i: keys[i])]
+        val.remove(train[0])
+    return train, val
+
+
+def load_feature_folder(root: str | Path, val_fraction: float = 0.1) -> SignalData:
+    """Read and validate a feature folder; any bad file refuses the data with every bad file named."""
+    root = Path(root)
+    rows, clips, frame_rate = _scan_frames(root)
+    names = [r.name for r in rows]
+    train, val = _split_names(names, [split_key(n) for n in names], val_fraction)
+    width = next(iter(clips.values())).shape[1]
+    return SignalData([clips[names[i]] for i in train], [clips[names[i]] for i in val], width,
+                      str(root.resolve()), [names[i] for i in train], [names[i] for i in val], frame_rate)
+
+
+def pack_frames_dir(path: str | Path, out: str | Path, progress=None) -> Path:
+    """Validate a feature folder once and write it as one memory-mapped dataset (data/packed.py)."""
+    root = Path(path)
+    with pack_writer(out, source=str(root.resolve()), kind="frames", dtype=np.float32) as writer:
+        def sink(name: str, array: np.ndarray) -> None:
+            writer.add(name, array)
+
+        rows, _, frame_rate = _scan_frames(root, sink=sink, keep=False, progress=progress)
+        writer.finish(frame_rate=frame_rate)
+    return Path(out)
+
+
+def open_packed_frames(path: str | Path, val_fraction: float = 0.1) -> SignalData:
+    """A packed feature folder: clips are views into the memory map, nothing is scanned."""
+    store = PackedClips(path, kind="frames")
+    keys = [int(k) for k in store.split_keys]
+    train, val = _split_names([store.name(i) for i in range(len(store))], keys, val_fraction)
+    rate = store.meta.get("frame_rate")
+    return SignalData(ClipView(store, train), ClipView(store, val), store.width, str(Path(path).resolve()),
+                      [store.name(i) for i in train], [store.name(i) for i in val],
+                      float(rate) if rate else None)
 
 
 def load_signals(path: str, val_fraction: float = 0.1) -> SignalData:
-    """``data.path``: ``synthetic`` or a feature folder."""
+    """``data.path``: ``synthetic``, a packed feature folder (`pack_frames_dir`) or a feature folder."""
     if path == SYNTHETIC:
         return synthetic_data()
     if path == "stdlib":
         raise UserError("model.family=cascade needs continuous frames: set data.path to a folder of .npy [T, F] "
                         f"arrays with {MANIFEST}, or data.path=synthetic")
+    if is_packed(path):
+        return open_packed_frames(path, val_fraction)
     return load_feature_folder(path, val_fraction)
 
 
@@ -243,7 +295,7 @@ def get_windows(
     """One batch of windows [B, window, F] from the one windowing module (no window crosses clips).
 
     ``rows``: cut only these rows of the batch (every row's window is still drawn: same data position)."""
-    lens = [len(c) for c in clips]
+    lens = clips.lengths if isinstance(clips, ClipView) else [len(c) for c in clips]
     clip_idx, starts = clip_window_starts(lens, window, batch_size, mode, generator=generator,
                                           batch_index=batch_index, count=count)
     if rows is not None:
@@ -269,5 +321,6 @@ def get_pairs(
     return make_pairs(frames, horizon)
 
 
-def usable_clips(clips: list[np.ndarray], window: int) -> int:
-    return sum(len(c) >= window for c in clips)
+def usable_clips(clips: Sequence[np.ndarray], window: int) -> int:
+    lens = clips.lengths if isinstance(clips, ClipView) else [len(c) for c in clips]
+    return int(sum(n >= window for n in lens))

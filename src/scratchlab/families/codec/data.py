@@ -1,4 +1,4 @@
-"""Pre-encoded codec-token datasets: validate a folder, split it, and make training batches.
+"""Pre-encoded codec-token datasets: validate a folder, pack it, split it, and make training batches.
 
 A dataset is a folder of ``.npy`` integer arrays ``[T, K]`` (frames x codebooks) and a
 ``manifest.jsonl`` with one line per clip::
@@ -7,8 +7,13 @@ A dataset is a folder of ``.npy`` integer arrays ``[T, K]`` (frames x codebooks)
 
 Every listed file is checked before anything trains on it (readable without pickle, integer
 dtype, 2-D, non-empty, the dataset's K, codes in ``[0, codebook_size)``); a bad file is listed
-by name with its reason and skipped or refused (``on_bad``), never silently used.
-See docs/codec-data.md.
+by name with its reason and skipped or refused (``on_bad``), never silently used. The codebook
+size is the caller's, else the data's declared one (``codec.json`` from `data encode`, or a
+``summary.json`` written with ``--codebook-size``), else inferred.
+
+A folder can be packed once (`pack_codes_dir`, ``scratchlab data codes DIR --pack OUT``) into one
+memory-mapped codes file plus an index (data/packed.py); `open_codes_data` opens either form and
+serves the same windows. See docs/codec-data.md.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +30,11 @@ from typing import Literal
 import numpy as np
 import torch
 
+from scratchlab.data.console import say
+from scratchlab.data.manifest import MANIFEST, BadFile, read_manifest, split_of as _split_of
+from scratchlab.data.packed import PackedClips, is_packed, pack_writer
+from scratchlab.data.windows import WindowMode, clip_window_start
+from scratchlab.errors import UserError
 from scratchlab.families.codec.conditioning import (
     DEFAULT_MAX_TEXT_BYTES,
     collate_conditions,
@@ -32,22 +42,17 @@ from scratchlab.families.codec.conditioning import (
     condition_text,
     unconditional_ids,
 )
-from scratchlab.data.windows import WindowMode, clip_window_start
-from scratchlab.errors import UserError
 from scratchlab.families.codec.patterns import DelayPattern, SpecialIds, codes_window
 
-MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
+CODEC_INFO = "codec.json"
 Split = Literal["train", "val"]
 OnBad = Literal["skip", "refuse"]
+# (phase, done, total): a progress bar over the clips
+ScanProgress = Callable[[str, int, int], None]
 
-
-@dataclass(frozen=True)
-class BadFile:
-    """A manifest entry that is not used, and why."""
-
-    file: str
-    reason: str
+__all__ = ["MANIFEST", "BadFile", "CodesSummary", "CodeClip", "CodesData", "open_codes_data", "validate_codes_dir",
+           "pack_codes_dir", "split_of", "write_synthetic_codes", "synthetic_clip", "render_summary"]
 
 
 @dataclass
@@ -71,9 +76,17 @@ class CodesSummary:
     codebook_usage: list[float]  # per codebook: fraction of its entries that occur
     bad: list[BadFile] = field(default_factory=list)
     unlisted_npy: int = 0  # .npy files in the folder that the manifest does not list (not used)
+    codebook_size_from: str = "inferred"  # "given", "codec.json", "summary.json" or "inferred"
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> CodesSummary:
+        d = dict(d)
+        d["bad"] = [BadFile(**b) for b in d.get("bad", [])]
+        d["top_tags"] = [tuple(t) for t in d.get("top_tags", [])]
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -96,55 +109,46 @@ class _Entry:
     duration_s: float | None
 
 
+def _row_problem(row: dict) -> str | None:
+    text, tags, duration = row.get("text", ""), row.get("tags", []), row.get("duration_s")
+    if text is not None and not isinstance(text, str):
+        return '"text" is not a string'
+    if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
+        return '"tags" is not a list of strings'
+    if duration is not None and (not isinstance(duration, (int, float)) or isinstance(duration, bool)
+                                 or not math.isfinite(duration) or duration < 0):
+        return '"duration_s" is not a non-negative number'
+    return None
+
+
 def _read_manifest(root: Path) -> tuple[list[_Entry], list[BadFile]]:
-    manifest = root / MANIFEST
-    if not root.is_dir():
-        raise UserError(f"codes dataset {root} is not a folder; give the folder holding manifest.jsonl and the .npy files")
-    if not manifest.is_file():
-        raise UserError(f"{manifest} not found; a codes dataset needs a manifest.jsonl with one "
-                        '{"codes": "file.npy", "text": ..., "tags": [...]} line per clip')
-    entries: list[_Entry] = []
-    bad: list[BadFile] = []
-    seen: set[str] = set()
-    root_resolved = root.resolve()
-    for n, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{MANIFEST}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(BadFile(where, f"not valid JSON ({exc.msg})"))
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("codes"), str) or not row["codes"]:
-            bad.append(BadFile(where, 'no "codes" file name'))
-            continue
-        name = row["codes"]
-        text, tags, duration = row.get("text", ""), row.get("tags", []), row.get("duration_s")
-        if text is None:
-            text = ""
-        if tags is None:
-            tags = []
-        if not isinstance(text, str):
-            bad.append(BadFile(name, '"text" is not a string'))
-            continue
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            bad.append(BadFile(name, '"tags" is not a list of strings'))
-            continue
-        if duration is not None and (not isinstance(duration, (int, float)) or isinstance(duration, bool)
-                                     or not math.isfinite(duration) or duration < 0):
-            bad.append(BadFile(name, '"duration_s" is not a non-negative number'))
-            continue
-        path = (root / name).resolve()
-        if not path.is_relative_to(root_resolved):
-            bad.append(BadFile(name, "path outside the dataset folder"))
-            continue
-        if name in seen:
-            bad.append(BadFile(name, "listed twice in the manifest (the first is used)"))
-            continue
-        seen.add(name)
-        entries.append(_Entry(name, path, text, tuple(tags), None if duration is None else float(duration)))
+    example = '{"codes": "file.npy", "text": ..., "tags": [...]}'
+    rows, bad = read_manifest(root, "codes", example, check=_row_problem)
+    entries = []
+    for r in rows:
+        duration = r.row.get("duration_s")
+        entries.append(_Entry(r.name, r.path, r.row.get("text") or "", tuple(r.row.get("tags") or ()),
+                              None if duration is None else float(duration)))
     return entries, bad
+
+
+def declared_codebook(root: Path) -> tuple[int | None, int | None, str]:
+    """(codebook size, K, where from) that the data declares: codec.json (`data encode`), else a
+    summary.json written with an explicit ``--codebook-size``; (None, None, "inferred") when neither."""
+    for name in (CODEC_INFO, SUMMARY):
+        try:
+            info = json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict):
+            continue
+        size = info.get("codebook_size")
+        if name == SUMMARY and info.get("codebook_size_inferred", True):
+            continue  # an inferred size is a guess, not a declaration
+        k = info.get("n_codebooks")
+        if isinstance(size, int) and not isinstance(size, bool) and size >= 1:
+            return size, (k if isinstance(k, int) and not isinstance(k, bool) and k >= 1 else None), name
+    return None, None, "inferred"
 
 
 def _load(path: Path, mmap: bool) -> np.ndarray:
@@ -173,14 +177,22 @@ class _Scan:
     summary: CodesSummary
 
 
-def _scan(root: Path, codebook_size: int | None, n_codebooks: int | None, keep: bool) -> _Scan:
+def _scan(root: Path, codebook_size: int | None, n_codebooks: int | None, keep: bool,
+          sink: Callable[[_Entry, np.ndarray], None] | None = None, progress: ScanProgress | None = None) -> _Scan:
+    """Validate every clip, one file at a time (``keep``: hold the arrays; ``sink``: hand each kept clip on)."""
     if codebook_size is not None and codebook_size < 1:
         raise UserError(f"--codebook-size must be >= 1, got {codebook_size}")
     entries, bad = _read_manifest(root)
+    size_from = "given"
+    if codebook_size is None:
+        codebook_size, declared_k, size_from = declared_codebook(root)
+        n_codebooks = n_codebooks if n_codebooks is not None else declared_k
     # Pass 1: headers only (mmap), to find the dataset's K before judging any file by it.
     shapes: dict[str, tuple[int, ...]] = {}
     ok: list[_Entry] = []
-    for e in entries:
+    for n, e in enumerate(entries):
+        if progress and n % 512 == 0:
+            progress("checking headers", n, len(entries))
         if not e.path.is_file():
             bad.append(BadFile(e.name, "missing"))
             continue
@@ -199,6 +211,8 @@ def _scan(root: Path, codebook_size: int | None, n_codebooks: int | None, keep: 
             bad.append(BadFile(e.name, problem))
             continue
         ok.append(e)
+    if progress:
+        progress("checking headers", len(entries), len(entries))
     if n_codebooks is None and ok:
         n_codebooks = Counter(shapes[e.name][1] for e in ok).most_common(1)[0][0]
     # Pass 2: the values.
@@ -206,7 +220,9 @@ def _scan(root: Path, codebook_size: int | None, n_codebooks: int | None, keep: 
     arrays: list[np.ndarray | None] = []
     counts: list[np.ndarray] = []
     max_code = -1
-    for e in ok:
+    for n, e in enumerate(ok):
+        if progress and n % 256 == 0:
+            progress("checking codes", n, len(ok))
         if shapes[e.name][1] != n_codebooks:
             bad.append(BadFile(e.name, f"K={shapes[e.name][1]} codebooks, expected {n_codebooks}"))
             continue
@@ -220,7 +236,8 @@ def _scan(root: Path, codebook_size: int | None, n_codebooks: int | None, keep: 
             bad.append(BadFile(e.name, f"negative code {lo}"))
             continue
         if codebook_size is not None and hi >= codebook_size:
-            bad.append(BadFile(e.name, f"code {hi} >= codebook size {codebook_size}"))
+            bad.append(BadFile(e.name, f"code {hi} >= codebook size {codebook_size}"
+                                       + (f" (declared in {size_from})" if size_from not in ("given",) else "")))
             continue
         max_code = max(max_code, hi)
         for k in range(arr.shape[1]):
@@ -232,6 +249,10 @@ def _scan(root: Path, codebook_size: int | None, n_codebooks: int | None, keep: 
             counts[k][: len(c)] += c
         kept.append(e)
         arrays.append(arr if keep else None)
+        if sink is not None:
+            sink(e, arr)
+    if progress:
+        progress("checking codes", len(ok), len(ok))
     inferred = codebook_size is None
     if inferred and kept:
         codebook_size = _next_pow2(max_code + 1)
@@ -255,6 +276,7 @@ def _scan(root: Path, codebook_size: int | None, n_codebooks: int | None, keep: 
         codebook_usage=[round(float((c > 0).sum()) / codebook_size, 4) for c in counts] if kept else [],
         bad=bad,
         unlisted_npy=len({p.resolve() for p in root.glob("*.npy")} - {e.path for e in entries}),
+        codebook_size_from=size_from if not inferred else "inferred",
     )
     return _Scan(kept, arrays, summary)
 
@@ -266,24 +288,34 @@ def _refuse(summary: CodesSummary) -> None:
                     "fix or remove them, or let them be skipped (on_bad='skip', the CLI's default without --refuse-bad)")
 
 
+def skipped_note(summary: CodesSummary, shown: int = 3) -> str:
+    """One line naming the files a dataset skips (what training prints when it uses the rest)."""
+    names = "; ".join(f"{b.file}: {b.reason}" for b in summary.bad[:shown])
+    more = f" (+{len(summary.bad) - shown} more)" if len(summary.bad) > shown else ""
+    return (f"skipping {len(summary.bad)} bad file(s) of {summary.path}: {names}{more}; all are listed by "
+            f"`scratchlab data codes {summary.path}` and in the run's data.json")
+
+
 def validate_codes_dir(
     path: str | Path,
     codebook_size: int | None = None,
     n_codebooks: int | None = None,
     on_bad: OnBad = "skip",
     write_summary: bool = False,
+    progress: ScanProgress | None = None,
 ) -> CodesSummary:
     """Check every clip of a codes dataset and summarize it; bad files are listed with their reason.
 
-    ``codebook_size`` is inferred (largest code + 1, rounded up to a power of two) unless given;
-    given, codes at or above it make a file bad. ``n_codebooks`` is the most common K unless given.
+    ``codebook_size`` is the data's declared one (`declared_codebook`) unless given, else inferred
+    (largest code + 1, rounded up to a power of two); codes at or above a given or declared size
+    make a file bad. ``n_codebooks`` is the most common K unless given or declared.
     ``on_bad="refuse"`` raises a UserError naming the bad files; ``write_summary`` writes
     summary.json in the folder first (so the full list is there either way).
     """
     if on_bad not in ("skip", "refuse"):
         raise ValueError(f"on_bad must be 'skip' or 'refuse', got {on_bad!r}")
     root = Path(path)
-    summary = _scan(root, codebook_size, n_codebooks, keep=False).summary
+    summary = _scan(root, codebook_size, n_codebooks, keep=False, progress=progress).summary
     if write_summary:
         (root / SUMMARY).write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     if on_bad == "refuse" and summary.bad:
@@ -291,39 +323,120 @@ def validate_codes_dir(
     return summary
 
 
+def pack_codes_dir(
+    path: str | Path,
+    out: str | Path,
+    codebook_size: int | None = None,
+    n_codebooks: int | None = None,
+    on_bad: OnBad = "skip",
+    write_summary: bool = False,
+    progress: ScanProgress | None = None,
+) -> CodesSummary:
+    """Validate a codes folder once and write its good clips as one packed dataset (data/packed.py).
+
+    Streaming: one clip in memory at a time. Training on ``out`` opens it without scanning any file.
+    The checks and the summary are `validate_codes_dir`'s (``write_summary``: summary.json in the folder).
+    """
+    root = Path(path)
+    with pack_writer(out, source=str(root)) as writer:
+        def sink(e: _Entry, arr: np.ndarray) -> None:
+            writer.add(e.name, arr, e.text, e.tags, e.duration_s)
+
+        summary = _scan(root, codebook_size, n_codebooks, keep=False, sink=sink, progress=progress).summary
+        if write_summary:
+            (root / SUMMARY).write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+        if on_bad == "refuse" and summary.bad:
+            _refuse(summary)
+        if not summary.clips:
+            raise UserError(f"no usable clips in {root} ({len(summary.bad)} bad); nothing to pack")
+        writer.finish(summary=summary.to_json(), codebook_size=summary.codebook_size, n_codebooks=summary.n_codebooks)
+    return summary
+
+
 def split_of(name: str, val_fraction: float) -> Split:
     """``val`` for a ``val_fraction`` of clips by a hash of the file name: stable across runs and machines."""
-    h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
-    return "val" if h < val_fraction else "train"
+    return _split_of(name, val_fraction, "sha256")
+
+
+class _MemoryClips:
+    """Clips held in memory (an unpacked folder): the same accessors as `PackedClips`."""
+
+    def __init__(self, clips: list[CodeClip]) -> None:
+        self._clips = clips
+        self.lengths = np.array([len(c.codes) for c in clips], dtype=np.int64)
+        self.durations = np.array([np.nan if c.duration_s is None else c.duration_s for c in clips])
+        self.split_keys = np.array([int.from_bytes(hashlib.sha256(c.name.encode()).digest()[:8], "big")
+                                    for c in clips], dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return len(self._clips)
+
+    def codes(self, i: int) -> np.ndarray:
+        return self._clips[i].codes
+
+    def name(self, i: int) -> str:
+        return self._clips[i].name
+
+    def duration(self, i: int) -> float | None:
+        return self._clips[i].duration_s
+
+    def text_tags(self, i: int) -> tuple[str, tuple[str, ...]]:
+        c = self._clips[i]
+        return c.text, c.tags
+
+
+class _ClipList(Sequence):
+    """``data.clips``: every clip, built on access (a packed dataset holds no per-clip objects)."""
+
+    def __init__(self, data: CodesData) -> None:
+        self._data = data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._data.clip(j) for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self._data.clip(int(i) % len(self))
 
 
 class CodesData:
-    """A validated codes dataset in memory, split into train/val by clip. Build with ``open_codes_data``."""
+    """A validated codes dataset (in memory, or packed and memory-mapped), split into train/val by clip.
+    Build with ``open_codes_data``."""
 
-    def __init__(self, clips: list[CodeClip], summary: CodesSummary, val_fraction: float) -> None:
-        if not clips:
+    def __init__(self, clips: list[CodeClip] | _MemoryClips | PackedClips, summary: CodesSummary,
+                 val_fraction: float) -> None:
+        store = _MemoryClips(clips) if isinstance(clips, list) else clips
+        if not len(store):
             raise UserError(f"no usable clips in {summary.path} ({len(summary.bad)} bad); "
                             "run `scratchlab data codes DIR` to see why")
-        self.clips = clips
+        self.store = store
+        self.clips = _ClipList(self)
         self.summary = summary
         self.n_codebooks = int(summary.n_codebooks)
         self.codebook_size = int(summary.codebook_size)
         self.special = SpecialIds.for_codebook(self.codebook_size)
         self.val_fraction = val_fraction
-        val = [i for i, c in enumerate(clips) if split_of(c.name, val_fraction) == "val"]
-        train = [i for i, c in enumerate(clips) if split_of(c.name, val_fraction) == "train"]
+        # split_of(name) == "val"  <=>  sha256(name)[:8] / 2**64 < val_fraction (the keys are those 8 bytes)
+        is_val = store.split_keys.astype(np.float64) / 2.0**64 < val_fraction
+        val, train = np.flatnonzero(is_val).tolist(), np.flatnonzero(~is_val).tolist()
+        keys = store.split_keys
         # Tiny datasets: keep both splits non-empty (the clip with the smallest hash moves), deterministically.
         if val_fraction > 0 and not val and len(train) > 1:
-            first = min(train, key=lambda i: hashlib.sha256(clips[i].name.encode()).digest())
+            first = min(train, key=lambda i: int(keys[i]))
             train.remove(first)
             val = [first]
         if not train and len(val) > 1:
-            last = max(val, key=lambda i: hashlib.sha256(clips[i].name.encode()).digest())
+            last = max(val, key=lambda i: int(keys[i]))
             val.remove(last)
             train = [last]
         self.splits: dict[str, list[int]] = {"train": train, "val": val}
-        self.root = Path(summary.path)
-        self.frame_rate = _frame_rate(clips)
+        self.root = Path(getattr(store, "root", summary.path))
+        rates = store.lengths / store.durations
+        rates = rates[store.durations > 0]
+        self.frame_rate = round(float(np.median(rates)), 4) if len(rates) else None
 
     @property
     def meta(self) -> dict:
@@ -333,34 +446,43 @@ class CodesData:
         meta["bad"] = meta["bad"][:20]
         meta.update(frame_rate=self.frame_rate, val_fraction=self.val_fraction,
                     splits={k: {"clips": len(v), "frames": self.frames(k)} for k, v in self.splits.items()})
+        if isinstance(self.store, PackedClips):
+            meta["packed"] = str(self.store.root)
         return meta
 
     def condition_text(self, split: Split, i: int) -> str:
         """The ``i``-th ``split`` clip's condition as one string (text, then the tag line in manifest order);
         ``condition_ids(condition_text(...))`` gives the ids eval batches use."""
-        clip = self.clip(i, split)
-        return "\n".join(part for part in condition_text(clip.text, clip.tags) if part)
+        text, tags = self.store.text_tags(self.splits[split][i])
+        return "\n".join(part for part in condition_text(text, tags) if part)
 
     def __len__(self) -> int:
-        return len(self.clips)
+        return len(self.store)
 
     def n_clips(self, split: Split) -> int:
         return len(self.splits[split])
 
     def clip(self, i: int, split: Split | None = None) -> CodeClip:
         """Clip ``i`` of the whole dataset, or the ``i``-th clip of ``split``."""
-        return self.clips[self.splits[split][i] if split else i]
+        j = self.splits[split][i] if split else i
+        text, tags = self.store.text_tags(j)
+        return CodeClip(self.store.name(j), self.store.codes(j), text, tags, self.store.duration(j))
 
     def frames(self, split: Split) -> int:
-        return sum(len(self.clips[i].codes) for i in self.splits[split])
+        return int(self.store.lengths[self.splits[split]].sum()) if self.splits[split] else 0
+
+    def window(self, i: int, start: int, window: int, pattern: DelayPattern) -> dict:
+        """The crop of clip ``i`` at ``start`` (what a random or fixed window at that offset holds)."""
+        x, y = codes_window(self.store.codes(i), start, window, pattern, self.special)
+        return {"input_ids": x, "labels": y}
 
     def random_window(self, i: int, window: int, pattern: DelayPattern, generator: torch.Generator) -> dict:
         """A training crop of clip ``i``: ``input_ids``, ``labels``, and ``window_start`` / ``clip_len`` (so the
         doctor's deterministic_windows check can test the crop that training uses)."""
-        codes = self.clips[i].codes
-        start = clip_window_start(len(codes), window, "random", generator=generator)
-        x, y = codes_window(codes, start, window, pattern, self.special)
-        return {"input_ids": x, "labels": y, "window_start": start, "clip_len": len(codes)}
+        length = int(self.store.lengths[i])
+        start = clip_window_start(length, window, "random", generator=generator)
+        x, y = codes_window(self.store.codes(i), start, window, pattern, self.special)
+        return {"input_ids": x, "labels": y, "window_start": start, "clip_len": length}
 
     def batch(
         self,
@@ -405,38 +527,33 @@ class CodesData:
             picks = torch.randint(0, n, (batch_size,), generator=generator).tolist()
             kept = range(batch_size)[rows] if rows is not None else range(batch_size)
             for row, p in enumerate(picks):
-                clip = self.clips[ids[p]]
-                start = clip_window_start(len(clip.codes), window, "random", generator=generator)
-                order = torch.randperm(len(clip.tags), generator=generator).tolist()
+                text, clip_tags = self.store.text_tags(ids[p])
+                start = clip_window_start(int(self.store.lengths[ids[p]]), window, "random", generator=generator)
+                order = torch.randperm(len(clip_tags), generator=generator).tolist()
                 if row not in kept:  # drawn (the data position), not built
                     continue
-                x, y = codes_window(clip.codes, start, window, pattern, self.special)
-                tags = [clip.tags[j] for j in order] if shuffle_tags else list(clip.tags)
+                x, y = codes_window(self.store.codes(ids[p]), start, window, pattern, self.special)
+                tags = [clip_tags[j] for j in order] if shuffle_tags else list(clip_tags)
                 inputs.append(x)
                 labels.append(y)
-                conds.append(condition_ids(clip.text, tags, max_text_bytes))
+                conds.append(condition_ids(text, tags, max_text_bytes))
             drop = (torch.rand(batch_size, generator=generator) < uncond_prob).tolist()
             conds = [unconditional_ids() if d else c for c, d in zip(conds, [drop[r] for r in kept])]
         elif mode == "fixed":
             for i in range(batch_size):
                 g = batch_index * batch_size + i
-                clip = self.clips[ids[g % n]]
-                start = clip_window_start(len(clip.codes), window, "fixed", index=g % n + g // n)
-                x, y = codes_window(clip.codes, start, window, pattern, self.special)
+                c = ids[g % n]
+                start = clip_window_start(int(self.store.lengths[c]), window, "fixed", index=g % n + g // n)
+                x, y = codes_window(self.store.codes(c), start, window, pattern, self.special)
                 inputs.append(x)
                 labels.append(y)
-                conds.append(condition_ids(clip.text, clip.tags, max_text_bytes))
+                text, tags = self.store.text_tags(c)
+                conds.append(condition_ids(text, tags, max_text_bytes))
         else:
             raise ValueError(f"unknown window mode {mode!r}; use 'random' or 'fixed'")
         cond_ids, cond_mask = collate_conditions(conds)
         return {"input_ids": torch.stack(inputs), "labels": torch.stack(labels),
                 "cond_ids": cond_ids, "cond_mask": cond_mask}
-
-
-def _frame_rate(clips: list[CodeClip]) -> float | None:
-    """Frames per second from the manifest's durations (median over clips), or None without any."""
-    rates = [len(c.codes) / c.duration_s for c in clips if c.duration_s]
-    return round(float(np.median(rates)), 4) if rates else None
 
 
 def open_codes_data(
@@ -445,16 +562,37 @@ def open_codes_data(
     n_codebooks: int | None = None,
     on_bad: OnBad = "skip",
     val_fraction: float = 0.05,
+    announce=None,
 ) -> CodesData:
-    """Validate and load a codes dataset (all clips in memory), split by a hash of each file name."""
+    """Open a codes dataset: a packed one (memory-mapped, nothing scanned) or a folder (validated, in memory).
+
+    Split by a hash of each file name. Bad files are refused (``on_bad="refuse"``) or skipped, and then
+    named through ``announce`` (one line; a callable or the trainer's reporter) and in ``meta``.
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     root = Path(path)
-    scan = _scan(root, codebook_size, n_codebooks, keep=True)
-    if on_bad == "refuse" and scan.summary.bad:
-        _refuse(scan.summary)
-    clips = [CodeClip(e.name, arr, e.text, e.tags, e.duration_s) for e, arr in zip(scan.entries, scan.arrays)]
-    return CodesData(clips, scan.summary, val_fraction)
+    if is_packed(root):
+        store = PackedClips(root)
+        summary = CodesSummary.from_json(store.summary)
+        if n_codebooks is not None and n_codebooks != store.n_codebooks:
+            raise UserError(f"{root} is packed with K={store.n_codebooks} codebooks, not {n_codebooks}")
+        if codebook_size is not None:
+            if summary.max_code is not None and summary.max_code >= codebook_size:
+                raise UserError(f"{root} holds codes up to {summary.max_code} >= codebook size {codebook_size}; "
+                                f"repack with `scratchlab data codes {summary.path} --codebook-size {codebook_size} "
+                                f"--pack {root}`")
+            summary.codebook_size, summary.codebook_size_inferred, summary.codebook_size_from = \
+                codebook_size, False, "given"
+    else:
+        scan = _scan(root, codebook_size, n_codebooks, keep=True)
+        summary = scan.summary
+        store = [CodeClip(e.name, arr, e.text, e.tags, e.duration_s) for e, arr in zip(scan.entries, scan.arrays)]
+    if on_bad == "refuse" and summary.bad:
+        _refuse(summary)
+    if summary.bad:
+        say(announce, skipped_note(summary))
+    return CodesData(store, summary, val_fraction)
 
 
 # -- a learnable synthetic dataset (tests, tiny presets, docs)

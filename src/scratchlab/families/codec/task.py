@@ -68,7 +68,7 @@ class CodecTask(Task):
         if path.startswith(SYNTHETIC_PREFIX):
             path = str(synthetic_codes_dir(path))
         self.data = open_codes_data(path, codebook_size=cfg.model.codec.codebook_size,
-                                    val_fraction=cfg.data.val_fraction)
+                                    val_fraction=cfg.data.val_fraction, announce=announce)
         self.pattern = None
         self._demo_metrics: dict[str, Any] = {}
         self._codec = None  # the data's codec for audio demos: None = not looked for yet, False = none
