@@ -95,7 +95,7 @@ def test_grouped_matmul_equals_the_loop_over_experts(monkeypatch):
     x = torch.randn(4, 16, 16, requires_grad=True)
     out = layer(x)
     (grad_grouped,) = torch.autograd.grad(out.sum(), x)
-    monkeypatch.setattr(moe_module, "_use_grouped_mm", lambda device: False)  # the path for non-CPU devices
+    monkeypatch.setattr(moe_module, "_grouped_mm_supports", lambda dtype: False)  # the per-group loop (float64's path)
     looped = layer(x)
     (grad_looped,) = torch.autograd.grad(looped.sum(), x)
     torch.testing.assert_close(looped, out)
@@ -248,11 +248,13 @@ def test_group_sizes_are_bucketed_so_matmul_shapes_stay_few():
 
 def test_experts_see_only_bucketed_groups_and_padding_changes_nothing(monkeypatch):
     layer = moe(n_routed_experts=4)
-    seen = []
-    original = moe_module.grouped_linear
-    monkeypatch.setattr(moe_module, "grouped_linear",
-                        lambda x, w, ends, counts: seen.append(len(x)) or original(x, w, ends, counts))
+    seen, groups = [], []
+    original = moe_module.grouped_mm
+    monkeypatch.setattr(moe_module, "grouped_mm",
+                        lambda x, w, ends: seen.append(len(x)) or groups.append(ends.diff(prepend=ends.new_zeros(1)))
+                        or original(x, w, ends))
     x = torch.randn(1, 37, 16, requires_grad=True)
     out = layer(x)
     assert seen and all(n % 16 == 0 for n in seen) and seen[0] > 37 * 2  # padded beyond the 74 assignments
+    assert all(bool((g % 16 == 0).all()) and int(g.sum()) >= 37 * 2 for g in groups)  # each group a multiple of 16
     torch.testing.assert_close(out, reference_moe(layer, x), atol=1e-5, rtol=1e-5)
