@@ -47,6 +47,11 @@ the device cannot run it):
   and the ratio is usually below 1; that is why ``train.precision=auto`` picks fp32 there (the
   header shows its choice on this machine).
 
+**MoE presets** (``model.moe.n_routed_experts`` > 0, e.g. ``--preset lm-mla-moe``) also train, in the
+same run and with their steps alternating, the dense model of the same width whose FFN has the
+same *active* FLOPs (hidden = (shared + top_k) x the expert width, ``dense_reference``), and print
+both models' tokens/s and MFU side by side with their ratio (``--no-dense-reference`` skips it).
+
 Dotted overrides apply to the preset as in ``scratchlab train`` (``train.batch_size=8``,
 ``model.n_layers=2``, ``train.device=cpu``, ``train.threads=4``). ``model.vocab_size`` is taken
 from the config, else 4096 (the tiny-lm tokenizer's size). Torch's thread count is left as it is
@@ -160,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu", default="", help="GPU for the MFU peak (scratchlab.scaling.gpus names, e.g. h100); "
                         "default: recognised from the device name")
     parser.add_argument("--peak-flops", type=float, default=0.0, help="peak bf16 FLOP/s for the MFU, overriding --gpu")
+    parser.add_argument("--no-dense-reference", action="store_true",
+                        help="MoE presets: do not also time the dense model of the same width and active FLOPs")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.matmul_size < 0:
         parser.error("--steps must be >= 1; --warmup and --matmul-size >= 0")
@@ -303,6 +310,48 @@ def time_training(
                 times[session.precision].seconds.append(elapsed)
                 times[session.precision].nonfinite += not finite
     return times
+
+
+def dense_reference(cfg: Config) -> Config | None:
+    """For an MoE config, the dense model of the same width whose FFN has the same active FLOPs; else None.
+
+    Active FFN = shared + top_k experts of ``expert_mult x d_model`` each (the router's d x E is
+    left out: < 1% here), so the dense FFN is (shared + top_k) x expert_mult wide (x 3/2 for SwiGLU,
+    whose ``ffn_mult`` counts GELU-equivalent width).
+    """
+    moe = cfg.model.moe
+    if not moe.n_routed_experts:
+        return None
+    mult = (moe.n_shared_experts + moe.top_k) * moe.expert_mult * (1.5 if moe.expert_ffn == "swiglu" else 1.0)
+    model = cfg.model.model_copy(update={"moe": moe.model_copy(update={"n_routed_experts": 0, "n_shared_experts": 0}),
+                                         "ffn": moe.expert_ffn, "ffn_mult": mult})
+    return cfg.model_copy(update={"model": model})
+
+
+def time_with_reference(cfg: Config, reference: Config, device: torch.device, precisions: list[str], steps: int,
+                        warmup: int) -> tuple[dict[str, StepTimes], dict[str, StepTimes]]:
+    """Like `time_training`, for ``cfg`` and ``reference`` at once: every step alternates all their sessions."""
+    sessions = [(which, new_session(c, device, p)) for p in precisions for which, c in ((0, cfg), (1, reference))]
+    times: tuple[dict[str, StepTimes], dict[str, StepTimes]] = ({p: StepTimes() for p in precisions},
+                                                                {p: StepTimes() for p in precisions})
+    for step in range(warmup + steps):
+        for which, session in sessions:
+            elapsed, finite = timed_step(session, (cfg, reference)[which], step, device)
+            if step >= warmup:
+                times[which][session.precision].seconds.append(elapsed)
+                times[which][session.precision].nonfinite += not finite
+    return times
+
+
+def reference_table(results: dict[str, PrecisionResult], dense: dict[str, PrecisionResult]) -> Table:
+    table = Table(title="MoE vs the dense model of the same width and active FLOPs (same run, alternating steps)")
+    for column in ("precision", "MoE tokens/s", "dense tokens/s", "MoE / dense", "MoE MFU", "dense MFU"):
+        table.add_column(column, justify="right")
+    for p, r in results.items():
+        d = dense[p]
+        table.add_row(p, f"{r.tokens_per_s:,.0f}", f"{d.tokens_per_s:,.0f}", f"{r.tokens_per_s / d.tokens_per_s:.2f}x",
+                      f"{r.mfu:.1%}" if r.mfu is not None else "-", f"{d.mfu:.1%}" if d.mfu is not None else "-")
+    return table
 
 
 # ---------------------------------------------------------------- matmul ceiling
@@ -504,7 +553,11 @@ def run(args: argparse.Namespace, progress: Console) -> tuple[dict[str, Any], di
     alternating = " (alternating steps)" if len(precisions) > 1 else ""
     progress.print(f"training {', '.join(precisions)}{alternating}: {args.warmup} warmup + {args.steps} timed steps")
     cpu_started, wall_started = time.process_time(), time.perf_counter()
-    times = time_training(cfg, device, precisions, args.steps, args.warmup)
+    reference = None if getattr(args, "no_dense_reference", False) else dense_reference(cfg)
+    if reference is None:
+        times = time_training(cfg, device, precisions, args.steps, args.warmup)
+    else:
+        times, reference_times = time_with_reference(cfg, reference, device, precisions, args.steps, args.warmup)
     cores_used = (time.process_time() - cpu_started) / (time.perf_counter() - wall_started)
     threads = torch.get_num_threads()
     if device.type == "cpu" and cores_used < CONTENDED_FRACTION * threads:
@@ -524,6 +577,11 @@ def run(args: argparse.Namespace, progress: Console) -> tuple[dict[str, Any], di
         if r.nonfinite_steps:
             notes.append(f"{r.precision}: {r.nonfinite_steps} timed steps had non-finite loss or gradients "
                          "and skipped the optimizer update")
+    dense: dict[str, PrecisionResult] = {}
+    if reference is not None:
+        ref_summary = model_summary(reference)
+        dense = {p: summarize(p, reference_times[p], ref_summary["tokens_per_step"], ref_summary["flops_per_token"],
+                              matmul[p], peak[1] if peak else None) for p in precisions}
     report = {
         "preset": "--gpu-124m" if args.gpu_124m else args.preset,
         "overrides": args.overrides,
@@ -537,6 +595,11 @@ def run(args: argparse.Namespace, progress: Console) -> tuple[dict[str, Any], di
         "bf16_over_fp32": ratios(results),
         "notes": notes,
     }
+    if dense:
+        report["dense_reference"] = {"model": ref_summary, "results": {p: asdict(r) for p, r in dense.items()},
+                                     "moe_over_dense_tokens_per_s": {p: results[p].tokens_per_s / dense[p].tokens_per_s
+                                                                     for p in precisions}}
+        report["_dense_results"] = dense
     return report, results
 
 
@@ -548,10 +611,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         progress.print(f"error: {exc}", style="red")
         return 2
+    dense = report.pop("_dense_results", None)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print_report(Console(), report, results)
+        if dense:
+            ref = report["dense_reference"]["model"]
+            Console().print(f"dense reference: {ref['params'] / 1e6:.2f}M params, {ref['flops_per_token'] / 1e6:.1f} "
+                            f"MFLOP/token (MoE: {report['model']['flops_per_token'] / 1e6:.1f})")
+            Console().print(reference_table(results, dense))
     return 0
 
 
