@@ -204,10 +204,11 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_in, std=0.02)  # the model's init scheme (layers/init.py) overwrites these
         nn.init.normal_(self.w_out, std=0.02)
 
-    def _bias(self, flat: torch.Tensor, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        """Each row's expert bias; zero for rows past the last group (so those rows stay exactly 0)."""
-        table = torch.cat([flat.to(x.dtype).view(len(self.w_in), -1), x.new_zeros(1, flat.numel() // len(self.w_in))])
-        expert_of_row = torch.searchsorted(ends.long(), torch.arange(len(x), device=x.device), right=True)
+    def _bias(self, bias: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Each row's expert bias ([E * width] flat); zero for rows past the last group (they stay exactly 0)."""
+        per_expert = bias.to(rows.dtype).view(len(self.w_in), -1)
+        table = torch.cat([per_expert, per_expert.new_zeros(1, per_expert.shape[1])])
+        expert_of_row = torch.searchsorted(ends.long(), torch.arange(len(rows), device=rows.device), right=True)
         return table.index_select(0, expert_of_row)
 
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
