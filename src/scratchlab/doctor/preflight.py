@@ -15,8 +15,8 @@ windows a clip holds); without them it can only compare repeated draws.
 
 Ground rules:
 - The checks run on ONE deepcopy of the model, in fp32 (memory: one more copy of the model; two for a
-  moment when a zero-gradient parameter is re-checked, or a float64 one when a leak is re-measured): the caller's model, its parameters, grads,
-  train/eval mode and BatchNorm statistics, and the global RNGs (torch, numpy, random) are unchanged.
+  moment when a zero-gradient parameter is re-checked, or a float64 one when a leak is re-measured):
+  the caller's model, its parameters, grads, train/eval mode and BatchNorm statistics, and the global RNGs (torch, numpy, random) are unchanged.
   Drawing dataset items does advance a dataset's own generator, as any access would.
 - Each check runs under its own try/except; one that cannot run gives an ``info`` finding
   ``check_failed`` naming the check and the exception, never a crash.
@@ -320,7 +320,8 @@ def _confirmed(probe: Callable[[nn.Module, torch.Tensor], Any], model: nn.Module
     Returns (result, the precision that decided it).
     """
     found = probe(model, ids)
-    precision = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), ids.dtype)).removeprefix("torch.")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), ids.dtype)
+    precision = str(dtype).removeprefix("torch.")
     if not found:
         return found, precision
     device = ids.device.type
@@ -338,7 +339,7 @@ def _each_sample(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _causal_changes(model: nn.Module, ids: torch.Tensor) -> list[tuple]:
-    """(output_pos, input_pos, mode, diff, scale) for each probed input position j whose change moves an output before j."""
+    """(output_pos, input_pos, mode, diff, scale) per probed input position j whose change moves an output before j."""
     T = ids.shape[1]
     leaks = []
     for mode in ("train", "eval"):

@@ -292,7 +292,8 @@ class MoEFFN(nn.Module):
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)  # normalised top-k weights
 
         expert_ids = top.reshape(-1)
-        counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, expert_ids, torch.ones_like(expert_ids))
+        counts = torch.zeros(E, dtype=torch.long, device=x.device)
+        counts.index_add_(0, expert_ids, torch.ones_like(expert_ids))  # not bincount: its size depends on the data
         kept = counts
         if cfg.capacity_factor > 0 and self._capacity_on:
             # The first `capacity` assignments of each expert in token order are kept; the others
