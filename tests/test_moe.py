@@ -95,7 +95,7 @@ def test_grouped_matmul_equals_the_loop_over_experts(monkeypatch):
     x = torch.randn(4, 16, 16, requires_grad=True)
     out = layer(x)
     (grad_grouped,) = torch.autograd.grad(out.sum(), x)
-    monkeypatch.setattr(moe_module, "_use_grouped_mm", lambda device: False)  # the path for non-CPU devices
+    monkeypatch.setattr(moe_module, "_grouped_mm_supports", lambda dtype: False)  # the per-group loop (float64's path)
     looped = layer(x)
     (grad_looped,) = torch.autograd.grad(looped.sum(), x)
     torch.testing.assert_close(looped, out)
@@ -248,11 +248,48 @@ def test_group_sizes_are_bucketed_so_matmul_shapes_stay_few():
 
 def test_experts_see_only_bucketed_groups_and_padding_changes_nothing(monkeypatch):
     layer = moe(n_routed_experts=4)
-    seen = []
-    original = moe_module.grouped_linear
-    monkeypatch.setattr(moe_module, "grouped_linear",
-                        lambda x, w, ends, counts: seen.append(len(x)) or original(x, w, ends, counts))
+    seen, groups = [], []
+    original = moe_module.grouped_mm
+    monkeypatch.setattr(moe_module, "grouped_mm",
+                        lambda x, w, ends: seen.append(len(x)) or groups.append(ends.diff(prepend=ends.new_zeros(1)))
+                        or original(x, w, ends))
     x = torch.randn(1, 37, 16, requires_grad=True)
     out = layer(x)
     assert seen and all(n % 16 == 0 for n in seen) and seen[0] > 37 * 2  # padded beyond the 74 assignments
+    assert all(bool((g % 16 == 0).all()) and int(g.sum()) >= 37 * 2 for g in groups)  # each group a multiple of 16
     torch.testing.assert_close(out, reference_moe(layer, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"capacity_factor": 0.5, "expert_ffn": "swiglu"}])
+def test_float64_runs_the_per_group_loop_and_equals_the_reference(kw):
+    """The doctor re-measures leaks on a float64 copy: grouped_mm has no float64 kernel, the op loops over groups."""
+    torch.manual_seed(0)
+    layer = MoEFFN(16, MoEConfig(**{"n_routed_experts": 4, "top_k": 2, **kw}), bias=True).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference_moe(layer, x), atol=1e-12, rtol=1e-12)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (want,) = torch.autograd.grad(reference_moe(layer, x).sum(), x)
+    torch.testing.assert_close(grad, want, atol=1e-12, rtol=1e-12)
+
+
+def test_load_statistics_stay_on_the_device_and_come_back_in_one_copy(monkeypatch):
+    from scratchlab.doctor.probes import moe_load_stats
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=50, max_seq_len=64,
+                                    moe=MoEConfig(n_routed_experts=4, top_k=2, capacity_factor=0.5)))
+    model(torch.randint(0, 50, (2, 16)))
+    layers = model.moe_layers()
+    assert all(torch.is_tensor(layer.last_dropped) and torch.is_tensor(layer.last_load) for layer in layers)
+    copies = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: copies.append(1) or original(self))
+    for name in ("item", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a: pytest.fail(f"a second host copy ({name})"))
+    stats = moe_load_stats(model)
+    assert copies == [1]
+    assert stats["moe_dropped"] == sum(int(original(layer.last_dropped)) for layer in layers) > 0
+    assert len(stats["moe_load"]) == 2 and all(sum(load) == pytest.approx(1.0, abs=1e-3) for load in stats["moe_load"])
+    assert 0 < stats["moe_router_entropy"] <= math.log(4) + 1e-6 and stats["moe_max_load_ratio"] >= 1.0

@@ -25,8 +25,8 @@ and its own (families/*/task.py ``preflight``; the cascade's in families/cascade
 
 Ground rules:
 - The checks run on ONE deepcopy of the model, in fp32 (memory: one more copy of the model; two for a
-  moment when a zero-gradient parameter is re-checked): the caller's model, its parameters, grads,
-  train/eval mode and BatchNorm statistics, and the global RNGs (torch, numpy, random) are unchanged.
+  moment when a zero-gradient parameter is re-checked, or a float64 one when a leak is re-measured):
+  the caller's model, its parameters, grads, train/eval mode and BatchNorm statistics, and the global RNGs (torch, numpy, random) are unchanged.
   Drawing dataset items does advance a dataset's own generator, as any access would.
 - Each check runs under its own try/except; one that cannot run gives an ``info`` finding
   ``check_failed`` naming the check and the exception, never a crash.
@@ -34,12 +34,19 @@ Ground rules:
 
 Checks and thresholds (why):
 - causal_leak: replace the tokens at time j (all codebooks; by other ids of the batch, so valid ones)
-  and compare outputs at t < j, for j in {1, T//2, T-1}, in train mode (same seed before every forward,
+  and compare outputs at t < j, for j in {1, T//2, T-1}, one forward per sample (a dependency on the
+  other samples is batch_leak's), in train mode (same seed before every forward,
   so dropout masks are identical and BatchNorm uses batch statistics) and in eval mode. A leak is a change above 1e-6 x max|logit|: a
   causal model gives exactly 0 (masked scores contribute exact zeros; matmuls are row-independent), fp32
   round-off would be ~1e-7, and the weakest real leak we know (softmax over the query axis: one query
-  among T) moves logits by ~5e-5 of their scale at T = 32.
-- batch_leak: replace every token of sample 1 and compare sample 0's output (same tolerance).
+  among T) moves logits by ~5e-5 of their scale at T = 32. Kernels that pick their reduction order by
+  shape break "exactly 0" (an MoE's expert matmuls change shape when one token's routing changes; on a
+  GPU with TF32/bf16 kernels the difference is ~1e-3): a change found is therefore re-measured on a
+  float64 copy of the model (autocast off, `_confirmed`), where round-off is ~1e-16 and decides.
+- batch_leak: replace every token of sample 1 and compare sample 0's output, then the other way round
+  (same tolerance, same float64 confirmation). A dependency that the model declares
+  (a module with ``batch_coupling``, a reason, and ``uncoupled()``: MoE capacity dropping) and that
+  vanishes with it turned off is a warning; any other is an error.
 - labels_not_shifted / labels_misaligned: the fraction of targets equal to ``input_ids`` shifted by
   d in -4..4 (ignored targets excluded). Healthy is d=+1 matching all targets. A finding needs another d
   to explain at least half the targets and clearly better than d=+1 (see `check_label_shift`), so
@@ -353,24 +360,63 @@ def _first_change(base: torch.Tensor, out: torch.Tensor, tol: float) -> tuple[in
     return (int(bad[0]), float(diff[bad[0]])) if bad.numel() else None
 
 
-def check_causal_leak(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[Finding]:
-    """causal_leak: do outputs before time j change when the tokens at j change?"""
-    ids = batch["input_ids"][:PERTURB_SAMPLES]
+def _confirmed(probe: Callable[[nn.Module, torch.Tensor], Any], model: nn.Module, ids: torch.Tensor) -> tuple[Any, str]:
+    """``probe(model, ids)``; where it finds something, the same probe on a float64 copy decides.
+
+    Two forwards of a healthy model can differ by round-off where kernels pick their reduction
+    order by shape (an MoE's per-expert matmuls change shape when one token's routing changes;
+    cuBLAS, TF32 and bf16 kernels are chosen by M), enough to pass the fp32 tolerance or to flip
+    a top-k routing choice. In float64 (autocast off) that noise is ~1e-16 of the logits, 10^10
+    below LEAK_RTOL, so only a real dependency remains. Healthy models usually differ by exactly 0
+    and pay nothing; a model that cannot be copied or run in float64 keeps the first verdict.
+    Returns (result, the precision that decided it).
+    """
+    found = probe(model, ids)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), ids.dtype)
+    precision = str(dtype).removeprefix("torch.")
+    if not found:
+        return found, precision
+    device = ids.device.type
+    try:
+        with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext():
+            copy64 = copy.deepcopy(model).to(torch.float64)
+            return probe(copy64, ids.to(torch.float64) if ids.is_floating_point() else ids), "float64"
+    except Exception:  # noqa: BLE001 - no float64 here (an op or a device without it, no memory): keep the verdict
+        return found, precision
+
+
+def _each_sample(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """One forward per sample: what a sequence's outputs depend on within itself (batch effects are batch_leak's)."""
+    return torch.cat([_seeded_forward(model, ids[s:s + 1]) for s in range(ids.shape[0])])
+
+
+def _causal_changes(model: nn.Module, ids: torch.Tensor) -> list[tuple]:
+    """(output_pos, input_pos, mode, diff, scale) per probed input position j whose change moves an output before j."""
     T = ids.shape[1]
-    probes = sorted({T - 1, T // 2, 1} & set(range(1, T)))  # positions that have a past to leak into
-    leaks = []  # (output_pos, input_pos, mode, diff, scale)
+    leaks = []
     for mode in ("train", "eval"):
         model.train(mode == "train")
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            base = _seeded_forward(model, ids)
+            base = _each_sample(model, ids)
             scale = _scale(base)
-            for j in probes:
+            for j in _causal_probes(T):
                 other = ids.clone()
                 other[:, j] = _other_ids(ids[:, j], ids, generator)
-                change = _first_change(base[:, :j], _seeded_forward(model, other)[:, :j], LEAK_RTOL * scale)
+                change = _first_change(base[:, :j], _each_sample(model, other)[:, :j], LEAK_RTOL * scale)
                 if change is not None:
                     leaks.append((change[0], j, mode, change[1], scale))
+    return leaks
+
+
+def _causal_probes(T: int) -> list[int]:
+    return sorted({T - 1, T // 2, 1} & set(range(1, T)))  # positions that have a past to leak into
+
+
+def check_causal_leak(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[Finding]:
+    """causal_leak: do outputs before time j change when the tokens at j change (each sample on its own)?"""
+    ids = batch["input_ids"][:PERTURB_SAMPLES]
+    leaks, precision = _confirmed(_causal_changes, model, ids)
     if not leaks:
         return []
     t, j, mode, diff, scale = min(leaks, key=lambda leak: (leak[0], leak[1]))
@@ -379,34 +425,82 @@ def check_causal_leak(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> li
                          f"({' and '.join(modes)} mode): the model sees the future; check the causal mask and any "
                          "softmax, norm or pooling over time",
                          output_pos=t, input_pos=j, mode=mode, modes=modes, max_abs_diff=_sig(diff),
-                         relative_diff=_sig(diff / scale), tolerance=LEAK_RTOL, probed_input_positions=probes,
-                         samples=int(ids.shape[0]))]
+                         relative_diff=_sig(diff / scale), tolerance=LEAK_RTOL,
+                         probed_input_positions=_causal_probes(ids.shape[1]), samples=int(ids.shape[0]),
+                         precision=precision)]
 
 
-def check_batch_leak(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[Finding]:
-    """batch_leak: does sample 0's output change when every token of sample 1 changes?"""
-    ids = batch["input_ids"][:PERTURB_SAMPLES]
-    if ids.shape[0] < 2:  # one sample: pair it with a shifted copy of itself
-        ids = torch.cat([ids, ids.roll(1, dims=1)])
-    generator = torch.Generator().manual_seed(1)
-    other = ids.clone()
-    other[1:] = _other_ids(ids[1:], ids, generator)
+def _batch_changes(model: nn.Module, ids: torch.Tensor) -> list[tuple]:
+    """(mode, observed sample, perturbed sample, first position, diff, scale) for each mode where one sample's
+    output changes when the other sample changes: sample 1 perturbed first, then sample 0."""
+    other = _other_ids(ids, ids, torch.Generator().manual_seed(1))
     changes = []
     for mode in ("train", "eval"):
         model.train(mode == "train")
         with torch.no_grad():
-            base = _seeded_forward(model, ids)[:1]
-            change = _first_change(base, _seeded_forward(model, other)[:1], LEAK_RTOL * _scale(base))
-        if change is not None:
-            changes.append((mode, *change, _scale(base)))
+            base = _seeded_forward(model, ids)
+            for perturbed, observed in ((1, 0), (0, 1)):
+                changed = ids.clone()
+                changed[perturbed] = other[perturbed]
+                mine = slice(observed, observed + 1)
+                scale = _scale(base[mine])
+                change = _first_change(base[mine], _seeded_forward(model, changed)[mine], LEAK_RTOL * scale)
+                if change is not None:
+                    changes.append((mode, observed, perturbed, *change, scale))
+                    break
+    return changes
+
+
+def _declared_couplings(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that declare a batch dependency on purpose (``batch_coupling``: a reason, and ``uncoupled()``)."""
+    return [(name, m) for name, m in model.named_modules()
+            if getattr(m, "batch_coupling", None) and callable(getattr(m, "uncoupled", None))]
+
+
+def _batch_verdict(model: nn.Module, ids: torch.Tensor) -> tuple[list[tuple], list[tuple] | None] | None:
+    """None, or (changes, the changes left with every declared coupling turned off; None when none is declared)."""
+    changes = _batch_changes(model, ids)
     if not changes:
+        return None
+    declared = _declared_couplings(model)
+    if not declared:
+        return changes, None
+    with contextlib.ExitStack() as stack:
+        for _, module in declared:
+            stack.enter_context(module.uncoupled())
+        return changes, _batch_changes(model, ids)
+
+
+def check_batch_leak(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[Finding]:
+    """batch_leak: does one sample's output change when the other sample changes (both ways)?
+
+    A dependency that modules declare (``batch_coupling``, e.g. MoE capacity dropping) and that
+    disappears with them turned off (``uncoupled()``) is a warning naming the reason; any other is an error.
+    """
+    ids = batch["input_ids"][:PERTURB_SAMPLES]
+    if ids.shape[0] < 2:  # one sample: pair it with a shifted copy of itself
+        ids = torch.cat([ids, ids.roll(1, dims=1)])
+    verdict, precision = _confirmed(_batch_verdict, model, ids)
+    if not verdict:
         return []
-    mode, t, diff, scale = changes[0]
+    changes, undeclared = verdict
+    declared = _declared_couplings(model)
+    severity, extra = None, {}
+    if undeclared is not None and not undeclared:  # only the declared dependency: expected, but worth knowing
+        reasons = "; ".join(sorted({module.batch_coupling for _, module in declared}))
+        more = f" and {len(declared) - 1} more" if len(declared) > 1 else ""
+        advice = f"expected from {reasons} ({declared[0][0]}{more}): outputs depend on the batch's other sequences"
+        severity, extra = "warning", {"declared_by": [name for name, _ in declared]}
+    else:
+        changes = undeclared or changes
+        advice = "normalise over features, never over the batch"
+    mode, observed, perturbed, t, diff, scale = changes[0]
     modes = [c[0] for c in changes]
-    return [make_finding("batch_leak", f"sample 0's output (from position {t}) changes when sample 1 changes "
-                         f"({' and '.join(modes)} mode): normalise over features, never over the batch",
-                         changed_sample=0, perturbed_sample=1, first_position=t, mode=mode, modes=modes,
-                         max_abs_diff=_sig(diff), relative_diff=_sig(diff / scale), tolerance=LEAK_RTOL)]
+    return [make_finding("batch_leak", f"sample {observed}'s output (from position {t}) changes when sample "
+                         f"{perturbed} changes ({' and '.join(modes)} mode): {advice}", severity=severity,
+                         changed_sample=observed, perturbed_sample=perturbed, first_position=t, mode=mode, modes=modes,
+                         max_abs_diff=_sig(diff), relative_diff=_sig(diff / scale), tolerance=LEAK_RTOL,
+                         precision=precision, **extra)]
 
 
 # ---------------------------------------------------------------- one forward + backward

@@ -60,21 +60,32 @@ def moe_load_stats(model: nn.Module) -> dict:
     The protocol: ``model.moe_load()`` returns one 1-D tensor per MoE layer with the fraction
     of routed tokens each expert received (summing to 1). The row gets the worst layer's
     busiest-expert share over its fair share (1 / n_experts): 1.0 is perfect balance.
+    The statistics stay on the device until here: they come to the host in ONE copy (a log step's sync).
     """
     report = getattr(model, "moe_load", None)
     if not callable(report):
         return {}
     loads = report()
-    ratios = [float(load.max()) * load.numel() for load in loads]
-    if not ratios:
+    if not loads:
         return {}
+    layers = model.moe_layers() if callable(getattr(model, "moe_layers", None)) else []
+    # scratchlab's MoE layers also know their router entropy and dropped assignments
+    extra = [t for layer in layers for t in (layer.router_entropy(), layer.last_dropped)]
+    device = loads[0].device
+    values = torch.cat([*(load.detach().flatten().float().to(device) for load in loads),
+                        *(t.detach().float().reshape(1).to(device) for t in extra)]).tolist()
+    per_layer, start = [], 0
+    for load in loads:
+        per_layer.append(values[start:start + load.numel()])
+        start += load.numel()
+    ratios = [max(load) * len(load) for load in per_layer]
     worst = max(range(len(ratios)), key=ratios.__getitem__)
     stats: dict = {"moe_max_load_ratio": ratios[worst], "moe_worst_layer": worst,
-                   "moe_load": [[round(float(f), 4) for f in load] for load in loads]}
-    layers = model.moe_layers() if callable(getattr(model, "moe_layers", None)) else []
-    if layers:  # scratchlab's MoE layers also know their router entropy and dropped assignments
-        stats["moe_router_entropy"] = sum(layer.last_router_entropy for layer in layers) / len(layers)
-        stats["moe_dropped"] = sum(layer.last_dropped for layer in layers)
+                   "moe_load": [[round(f, 4) for f in load] for load in per_layer]}
+    if layers:
+        entropies, dropped = values[start::2], values[start + 1::2]
+        stats["moe_router_entropy"] = sum(entropies) / len(layers)
+        stats["moe_dropped"] = int(sum(dropped))
     return stats
 
 

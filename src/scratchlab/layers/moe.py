@@ -1,14 +1,18 @@
 """Mixture-of-experts FFN: always-on shared experts + routed experts with a learned top-k router.
 
-Dispatch (the same plan as torchtitan / megablocks, written for CPU first):
+Dispatch (the same plan as torchtitan / megablocks), one code path for every device and dtype,
+with static shapes and no host sync (nothing in forward reads a tensor's value on the host, so
+``torch.compile`` traces it whole and a GPU never waits for the CPU):
 
-1. the router picks top-k experts per token; the N*k (token, expert) assignments are sorted
-   by expert (one stable argsort), so each expert's rows form one contiguous group, padded
-   to a bucketed size (``_bucket``: bounds the matmul shapes oneDNN caches kernels for);
+1. the router picks top-k experts per token; the A = N*k (token, expert) assignments are sorted
+   by expert (one stable argsort), so each expert's rows form one contiguous group, padded to a
+   size that ``_pad_groups`` chooses; the grouped input has a STATIC number of rows
+   (``_grouped_rows``, an upper bound of the padded total) and group ends live on the device;
 2. one row gather builds that grouped input from the input cast once to the autocast dtype;
 3. the routed experts' weights are stacked ([E, out, in]) and run as ONE grouped matmul per
-   projection over the groups (``torch._grouped_mm`` on CPU; a loop over experts elsewhere),
-   never a loop over tokens and never E small modules;
+   projection (``torch.nn.functional.grouped_mm`` behind the ``scratchlab::grouped_mm`` op, whose
+   meta function accepts fp32 too: torch's own only accepts bf16, which broke compile in fp32);
+   rows past the last group come out as exact zeros; never a loop over tokens or experts;
 4. one row gather takes each token's k outputs back, mixed by their router weights (bmm).
 
 The gathers' backward passes are gathers too (``_Dispatch``, ``_Combine``), not the serial
@@ -20,13 +24,19 @@ auxiliary-loss-free per-expert bias, which only shifts which experts are *chosen
 the weights their outputs get.
 
 A capacity factor > 0 drops assignments beyond ceil(cf * N * k / E) per expert (the first
-ones in token order are kept): a token's output then depends on the other tokens in the
-batch (the doctor's batch_leak check will say so), which is why it is off by default.
+ones in token order are kept): a token's output then depends on the other sequences of the
+batch (never on later tokens of its own sequence). The layer declares it (``batch_coupling``)
+and the doctor's batch_leak check reports it as a warning; it is off by default.
+
+Load statistics (``last_load``, ``last_dropped``, the router logits for the entropy) stay on the
+device; they are read on log steps only (doctor/probes.py ``moe_load_stats``, one sync).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +44,8 @@ from torch import nn
 
 from scratchlab.config import MoEConfig
 from scratchlab.layers.blocks import GeluFFN, SwiGLU
+
+_ALIGN = 16  # group sizes are multiples of this (grouped-GEMM friendly on GPUs; oneDNN buckets on CPU)
 
 
 def _bucket(counts: torch.Tensor) -> torch.Tensor:
@@ -43,31 +55,110 @@ def _bucket(counts: torch.Tensor) -> torch.Tensor:
     expert group sizes change every step, which grew a run's memory by ~100 MB per step.
     Bucketed sizes bound the shapes it ever sees, for at most 1/8 extra rows.
     """
-    step = torch.exp2(torch.log2(counts.clamp(min=1).float()).floor() - 3).clamp(min=16).long()
+    step = torch.exp2(torch.log2(counts.clamp(min=1).float()).floor() - 3).clamp(min=_ALIGN).long()
     return (counts + step - 1) // step * step
 
 
-class _Dispatch(torch.autograd.Function):
-    """rows[r] = tokens[src[r]] for the padded rows grouped by expert ([M, D]).
+def _pad_groups(counts: torch.Tensor, bucketed: bool) -> torch.Tensor:
+    """Group sizes as the grouped matmul sees them: bucketed on CPU (see ``_bucket``), else multiples of 16."""
+    return _bucket(counts) if bucketed else (counts + _ALIGN - 1) // _ALIGN * _ALIGN
 
-    ``row_of[a]`` is the row of assignment a = token * k + slot (M, past the end, when it was
-    dropped). The backward gathers each assignment's row gradient and sums a token's k slots:
-    gathers and one reduction, no scatter-add (PyTorch's CPU kernel for that is serial).
+
+def _grouped_rows(assignments: int, n_experts: int, bucketed: bool) -> int:
+    """A static bound on the padded total (+ at least one spare row past the last group), a multiple of 16.
+
+    Bucketing adds at most max(15, count / 8) rows to a group, rounding to 16 at most 15.
+    """
+    slack = (assignments // 8 + 1 if bucketed else 0) + _ALIGN * n_experts + 1
+    return (assignments + slack + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+# ---------------------------------------------------------------- the grouped matmul, as one opaque op
+
+
+def _grouped_mm_supports(dtype: torch.dtype) -> bool:
+    # torch's grouped_mm kernels take fp32/bf16/fp16; float64 (the doctor's leak probes) loops instead.
+    return dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _per_group(ends: torch.Tensor) -> Iterator[tuple[int, int, int]]:
+    start = 0
+    for e, end in enumerate(ends.tolist()):  # float64 only: a host sync is fine in a probe
+        yield e, start, end
+        start = end
+
+
+@torch.library.custom_op("scratchlab::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows ends[e-1]..ends[e] of ``x`` [M, in] times weight[e].T (weight [E, out, in]); rows past ends[-1] are 0."""
+    if _grouped_mm_supports(x.dtype):
+        out = F.grouped_mm(x, weight.transpose(-2, -1), offs=ends)
+    else:
+        out = x.new_zeros(x.shape[0], weight.shape[1])
+        for e, start, end in _per_group(ends):
+            out[start:end] = x[start:end] @ weight[e].t()
+    past_end = torch.arange(x.shape[0], device=x.device) >= ends[-1]  # the kernel leaves these uninitialised
+    return out.masked_fill(past_end.unsqueeze(-1), 0)
+
+
+@grouped_mm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("scratchlab::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(grad: torch.Tensor, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """[E, out, in]: group e's ``grad`` rows (transposed) times its ``x`` rows; zero for an empty group."""
+    if _grouped_mm_supports(x.dtype):
+        out = F.grouped_mm(grad.t(), x, offs=ends)
+    else:
+        out = x.new_zeros(len(ends), grad.shape[1], x.shape[1])
+        for e, start, end in _per_group(ends):
+            out[e] = grad[start:end].t() @ x[start:end]
+    empty = torch.diff(ends, prepend=ends.new_zeros(1)) == 0  # some kernels leave empty groups unwritten
+    return out.masked_fill(empty.view(-1, 1, 1), 0)
+
+
+@grouped_mm_weight_grad.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return grad.new_empty(ends.shape[0], grad.shape[1], x.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    x, weight, ends = inputs
+    ctx.save_for_backward(x, weight, ends)
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor):
+    x, weight, ends = ctx.saved_tensors
+    grad_x = grouped_mm(grad, weight.transpose(-2, -1), ends) if ctx.needs_input_grad[0] else None
+    grad_w = grouped_mm_weight_grad(grad, x, ends) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+class _Dispatch(torch.autograd.Function):
+    """rows[r] = tokens[src[r]] for the rows grouped by expert ([M, D]).
+
+    ``row_of[a]`` is the row of assignment a = token * k + slot (a spare row past the last group,
+    always zero, when it was dropped). The backward gathers each assignment's row gradient and
+    sums a token's k slots: gathers and one reduction, no scatter-add (PyTorch's CPU kernel for
+    that is serial).
     """
 
     @staticmethod
-    def forward(ctx, tokens: torch.Tensor, src: torch.Tensor, row_of: torch.Tensor, k: int, dropped: bool):
+    def forward(ctx, tokens: torch.Tensor, src: torch.Tensor, row_of: torch.Tensor, k: int):
         ctx.save_for_backward(row_of)
-        ctx.k, ctx.dropped = k, dropped
+        ctx.k = k
         return tokens.index_select(0, src)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (row_of,) = ctx.saved_tensors
-        if ctx.dropped:  # dropped assignments read a zero row
-            grad = torch.cat([grad, grad.new_zeros(1, grad.shape[1])])
         per_assignment = grad.index_select(0, row_of)
-        return per_assignment.view(-1, ctx.k, grad.shape[1]).sum(1), None, None, None, None
+        return per_assignment.view(-1, ctx.k, grad.shape[1]).sum(1), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -78,10 +169,8 @@ class _Combine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, weights: torch.Tensor, row_of: torch.Tensor, assignment_of_row: torch.Tensor,
-                dropped: bool) -> torch.Tensor:
-        if dropped:  # dropped assignments read a zero row
-            y = torch.cat([y, y.new_zeros(1, y.shape[1])])
+    def forward(ctx, y: torch.Tensor, weights: torch.Tensor, row_of: torch.Tensor,
+                assignment_of_row: torch.Tensor) -> torch.Tensor:
         picked = y.index_select(0, row_of).view(*weights.shape, y.shape[1])  # [N, k, D]
         ctx.save_for_backward(picked, weights, assignment_of_row)
         return torch.bmm(weights.unsqueeze(1), picked).squeeze(1)
@@ -91,27 +180,9 @@ class _Combine(torch.autograd.Function):
         picked, weights, assignment_of_row = ctx.saved_tensors
         N, k, D = picked.shape
         grad_weights = torch.bmm(picked, grad.unsqueeze(-1)).squeeze(-1)
-        per_assignment = grad.new_empty(N * k + 1, D)  # + one zero row for the padding rows
-        per_assignment[-1] = 0
-        torch.mul(weights.unsqueeze(-1), grad.unsqueeze(1), out=per_assignment[:-1].view(N, k, D))
-        return per_assignment.index_select(0, assignment_of_row), grad_weights, None, None, None
-
-
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
-    """Row slice e of ``x`` (rows ends[e-1]..ends[e]) times weight[e].T; weight is [E, out, in].
-
-    ``x`` must have exactly ends[-1] rows: the grouped kernel leaves rows past the last end
-    uninitialised. ``counts`` (the slice sizes) selects the loop fallback when given.
-    """
-    if counts is None:
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=ends)
-    return torch.cat([part @ w.t() for part, w in zip(x.split(counts), weight)])
-
-
-def _use_grouped_mm(device: torch.device) -> bool:
-    # CPU runs torch._grouped_mm in any float dtype; CUDA needs sm90+ and alignment we have not
-    # tested, so other devices loop over experts (E matmuls, still no loop over tokens).
-    return device.type == "cpu" and hasattr(torch, "_grouped_mm")
+        per_assignment = torch.cat([(weights.unsqueeze(-1) * grad.unsqueeze(1)).view(N * k, D),
+                                    grad.new_zeros(1, D)])  # + one zero row for the padding rows
+        return per_assignment.index_select(0, assignment_of_row), grad_weights, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -133,21 +204,26 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_in, std=0.02)  # the model's init scheme (layers/init.py) overwrites these
         nn.init.normal_(self.w_out, std=0.02)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, expert_of_row: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` [M, D] sorted by expert with ``counts`` [E] rows each (sum M); returns [M, D]."""
-        ends = counts.cumsum(0).to(torch.int32)
-        split = None if _use_grouped_mm(x.device) else counts.tolist()
-        h = grouped_linear(x, self.w_in.to(x.dtype), ends, split)
+    def _bias(self, bias: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Each row's expert bias ([E * width] flat); zero for rows past the last group (they stay exactly 0)."""
+        per_expert = bias.to(rows.dtype).view(len(self.w_in), -1)
+        table = torch.cat([per_expert, per_expert.new_zeros(1, per_expert.shape[1])])
+        expert_of_row = torch.searchsorted(ends.long(), torch.arange(len(rows), device=rows.device), right=True)
+        return table.index_select(0, expert_of_row)
+
+    def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """``x`` [M, D] grouped by expert, group e ending at row ``ends[e]`` (int32, on the device); returns [M, D]."""
+        h = grouped_mm(x, self.w_in.to(x.dtype), ends)
         if self.b_in is not None:
-            h = h + self.b_in.to(x.dtype).view(len(self.w_in), -1).index_select(0, expert_of_row)
+            h = h + self._bias(self.b_in, h, ends)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h)
-        y = grouped_linear(h, self.w_out.to(x.dtype), ends, split)
+        y = grouped_mm(h, self.w_out.to(x.dtype), ends)
         if self.b_out is not None:
-            y = y + self.b_out.to(x.dtype).view(len(self.w_out), -1).index_select(0, expert_of_row)
+            y = y + self._bias(self.b_out, y, ends)
         return y
 
 
@@ -164,16 +240,39 @@ class MoEFFN(nn.Module):
         self.shared = shared(d_model, hidden * cfg.n_shared_experts, bias) if cfg.n_shared_experts else None
         # Aux-loss-free balancing: added to the scores for the top-k choice only; persistent so resume is exact.
         self.register_buffer("balance_bias", torch.zeros(cfg.n_routed_experts))
-        self.last_load = torch.zeros(cfg.n_routed_experts)  # fraction of assignments per expert, last forward
+        # Statistics of the last forward, kept on the device (read on log steps only):
+        self.last_load = torch.zeros(cfg.n_routed_experts)  # fraction of assignments per expert
+        self.last_dropped = torch.zeros((), dtype=torch.long)  # assignments dropped by the capacity
         self.last_aux: torch.Tensor | None = None
-        self.last_dropped = 0
         self._logits = torch.zeros(1, cfg.n_routed_experts)  # router logits of the last forward
+        self._capacity_on = True
+
+    @property
+    def batch_coupling(self) -> str | None:
+        """Why a token's output depends on other sequences of the batch (the doctor reads it); None if it does not."""
+        if self.cfg.capacity_factor > 0:
+            return (f"model.moe.capacity_factor={self.cfg.capacity_factor:g} drops assignments beyond each expert's "
+                    "capacity in batch order")
+        return None
+
+    @contextlib.contextmanager
+    def uncoupled(self) -> Iterator[None]:
+        """No capacity dropping inside (the doctor checks that a batch dependency comes from it alone)."""
+        self._capacity_on = False
+        try:
+            yield
+        finally:
+            self._capacity_on = True
+
+    def router_entropy(self) -> torch.Tensor:
+        """Mean entropy (nats) of the router's softmax over experts in the last forward, a 0-d tensor on the device."""
+        probs = self._logits.float().softmax(-1)
+        return -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
 
     @property
     def last_router_entropy(self) -> float:
-        """Mean entropy (nats) of the router's softmax over experts in the last forward (computed when read)."""
-        probs = self._logits.softmax(-1)
-        return float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
+        """``router_entropy()`` as a float (a host sync: for log steps)."""
+        return float(self.router_entropy())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg, E, k = self.cfg, self.cfg.n_routed_experts, self.cfg.top_k
@@ -183,54 +282,58 @@ class MoEFFN(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
         N = flat.shape[0]
-        logits = self.router(flat).float()  # [N, E]
+        A = N * k  # assignments; a = token * k + slot
+        logits = self.router(flat)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 in a probe) routing
         scores = logits.softmax(-1) if cfg.score == "softmax" else logits.sigmoid()
         choice = scores + self.balance_bias if cfg.balance == "bias" else scores
         top = choice.topk(k, dim=-1).indices  # [N, k]
         weights = scores.gather(-1, top)
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)  # normalised top-k weights
 
-        # Assignment a = token * k + slot. Sorting by expert (stable: token order within an expert)
-        # makes each expert's rows contiguous; dropped ones get the key E and sort to the end.
         expert_ids = top.reshape(-1)
-        counts = torch.bincount(expert_ids, minlength=E)
-        kept, n_kept = counts, N * k
-        if cfg.capacity_factor > 0:
-            capacity = math.ceil(cfg.capacity_factor * N * k / E)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device)
+        counts.index_add_(0, expert_ids, torch.ones_like(expert_ids))  # not bincount: its size depends on the data
+        kept = counts
+        if cfg.capacity_factor > 0 and self._capacity_on:
+            # The first `capacity` assignments of each expert in token order are kept; the others
+            # get the key E, sort past every group and read the spare zero row.
+            capacity = math.ceil(cfg.capacity_factor * A / E)
             order = expert_ids.argsort(stable=True)
             rank = torch.empty_like(order)  # position of each assignment within its expert's slice
-            rank[order] = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[expert_ids[order]]
+            rank[order] = torch.arange(A, device=x.device) - (counts.cumsum(0) - counts)[expert_ids[order]]
             expert_ids = expert_ids.masked_fill(rank >= capacity, E)
             kept = counts.clamp(max=capacity)
-            n_kept = int(kept.sum())
-        self.last_dropped = N * k - n_kept
-        dropped = n_kept < N * k
+        self.last_dropped = A - kept.sum()
 
-        # Rows grouped by expert, each group padded to a bucketed size (see _bucket): kept
-        # assignment i in sorted order goes to row padded_start[e] + its rank within expert e.
-        order = expert_ids.argsort(stable=True)[:n_kept]
+        # Rows grouped by expert, each group padded (see _pad_groups) inside a static number of
+        # rows M: kept assignment i in sorted order goes to row group_start[e] + its rank in expert e.
+        bucketed = x.device.type == "cpu"
+        padded = _pad_groups(kept, bucketed)
+        M = _grouped_rows(A, E, bucketed)
+        ends = padded.cumsum(0)
+        zero = ends.new_zeros(1)
+        group_start = torch.cat([ends - padded, zero])  # index E: dropped assignments
+        kept_start = torch.cat([kept.cumsum(0) - kept, zero])
+        order = expert_ids.argsort(stable=True)
         sorted_experts = expert_ids[order]
-        padded = _bucket(kept)
-        n_rows = int(padded.sum())
-        rank = torch.arange(n_kept, device=x.device) - (kept.cumsum(0) - kept)[sorted_experts]
-        rows_sorted = (padded.cumsum(0) - padded)[sorted_experts] + rank
-        row_of = torch.full((N * k,), n_rows, dtype=torch.long, device=x.device)
+        is_kept = sorted_experts < E
+        rank = torch.arange(A, device=x.device) - kept_start[sorted_experts]
+        rows_sorted = torch.where(is_kept, group_start[sorted_experts] + rank, M - 1)  # M - 1: past every group
+        row_of = torch.empty_like(order)
         row_of[order] = rows_sorted
-        src = torch.zeros(n_rows, dtype=torch.long, device=x.device)  # padding rows compute token 0, unused
+        src = torch.zeros(M, dtype=torch.long, device=x.device)  # padding rows compute token 0, unused
         src[rows_sorted] = order // k
-        assignment_of_row = torch.full((n_rows,), N * k, dtype=torch.long, device=x.device)
-        assignment_of_row[rows_sorted] = order
+        assignment_of_row = torch.full((M,), A, dtype=torch.long, device=x.device)
+        assignment_of_row[rows_sorted] = torch.where(is_kept, order, A)
 
-        rows = _Dispatch.apply(flat, src, row_of, k, dropped)  # [n_rows, D]
-        expert_of_row = None
-        if self.experts.b_in is not None:
-            expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), padded, output_size=n_rows)
-        y = self.experts(rows, padded, expert_of_row)
-        out = _Combine.apply(y, weights.to(y.dtype), row_of, assignment_of_row, dropped)  # [N, D]
+        rows = _Dispatch.apply(flat, src, row_of, k)  # [M, D]
+        y = self.experts(rows, ends.to(torch.int32))
+        out = _Combine.apply(y, weights.to(y.dtype), row_of, assignment_of_row)  # [N, D]
         if self.shared is not None:
             out = out + self.shared(flat)
 
-        load = counts.float() / max(1, N * k)  # before capacity: where the router wanted to send tokens
+        load = counts.float() / max(1, A)  # before capacity: where the router wanted to send tokens
         # Differentiable, so gradients reach the router; sigmoid scores are normalised per token first.
         importance = (scores if cfg.score == "softmax" else scores / scores.sum(-1, keepdim=True)).mean(0)
         self.last_aux = E * (load * importance).sum() if cfg.balance == "aux_loss" else None
@@ -243,5 +346,5 @@ class MoEFFN(nn.Module):
         """DeepSeek-V3 aux-loss-free step: nudge under-loaded experts up, over-loaded ones down."""
         if self.cfg.balance == "bias":
             self.balance_bias += self.cfg.bias_update_rate * torch.sign(self.last_load.mean() - self.last_load).to(
-                self.balance_bias.device
+                self.balance_bias.device, self.balance_bias.dtype
             )
