@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import random
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -481,16 +480,13 @@ def test_bf16_model_is_checked_in_fp32_and_left_in_bf16():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
-def test_default_size_model_is_fast_and_silent():
-    # The default preset's model (4 x 256, V = 4096) on a full 16 x 256 batch: budget 10 s on 2 cores.
+def test_default_size_model_is_silent():
+    # The default preset's model (4 x 256, V = 4096) on a full 16 x 256 batch. How long preflight takes is a
+    # benchmark figure (benchmarks/doctor_overhead.py), never a test: the CI machine is shared and noisy.
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=4096, max_seq_len=256))
     batch = text_batch(batch=16, seq=256, vocab=4096)
-    started = time.perf_counter()
-    found = run(model, batch)
-    elapsed = time.perf_counter() - started
-    assert problems(found) == []
-    assert elapsed < 10, f"preflight took {elapsed:.1f} s"
+    assert problems(run(model, batch)) == []
 
 
 # ---------------------------------------------------------------- the caller's loss, checks as units
