@@ -122,3 +122,16 @@ def test_the_cycle_check_finds_lazy_and_relative_cycles(tmp_path):
     assert import_cycles(tmp_path, "pkg") == [["pkg.a", "pkg.c", "pkg.sub.b"]]
     (pkg / "c.py").write_text("def g():\n    return 1\n")
     assert import_cycles(tmp_path, "pkg") == []
+
+
+def test_findings_import_alone_and_preflight_on_first_use():
+    """`scratchlab.doctor.findings` is a leaf at run time too: the run records import it without loading the
+    checks (torch, the loss); README's `from scratchlab.doctor import preflight` still gives the function."""
+    import subprocess
+    import sys
+
+    code = ("import sys, scratchlab.doctor.findings\n"
+            "assert 'scratchlab.doctor.preflight' not in sys.modules and 'scratchlab.loss' not in sys.modules\n"
+            "from scratchlab.doctor import preflight\n"
+            "assert callable(preflight) and preflight.__module__ == 'scratchlab.doctor.preflight'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
