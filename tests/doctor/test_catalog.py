@@ -33,7 +33,7 @@ def test_docs_match_the_catalog():
 
 def test_monitor_codes_are_catalogued():
     codes = finding_codes(DOCTOR / "monitors.py") | finding_codes(DOCTOR / "diagnose.py")
-    assert codes == {"clip_saturated", "loss_spike", "loss_flat", "overfitting", "nonfinite", "run_crashed",
+    assert codes == {"clip_saturated", "loss_spike", "loss_flat", "overfitting", "nonfinite", "run_crashed", "run_killed",
                      "update_ratio", "entropy_collapse", "logit_growth", "moe_imbalance",
                      "grad_explosion", "output_rms_off", "output_constant", "output_copies_input"}
     assert codes <= set(CATALOG)

@@ -29,7 +29,9 @@ from scratchlab.doctor.findings import (
 )
 from scratchlab.doctor.monitors import MonitorConfig, check_metrics
 from scratchlab.errors import UserError
+from scratchlab.fileio import to_float
 from scratchlab.runs import RunDir, read_metrics
+from scratchlab.runs.checkpoint import latest_checkpoint
 
 FINDINGS_FILE = "findings.jsonl"
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -62,10 +64,27 @@ def diagnose(run_dir: str | Path) -> Diagnosis:
             "run_crashed", f"the run crashed at step {status.get('step', '?')}: {status.get('error', 'unknown error')}",
             step=status.get("step"), error=status.get("error"),
         )])
+    elif status.get("status") == "killed":
+        findings = sort_findings([*findings, _killed_finding(run, status, rows)])
     facts = run_facts(run, rows, cfg)
     if config_error:
         facts["config_error"] = config_error
     return Diagnosis(run.path, facts, findings)
+
+
+def _killed_finding(run: RunDir, status: dict[str, Any], rows: list[dict[str, Any]]) -> Finding:
+    steps = [r["step"] for r in rows if isinstance(r.get("step"), int)]
+    if isinstance(status.get("step"), int):
+        steps.append(status["step"])
+    last = max(steps, default=None)
+    latest = latest_checkpoint(run.checkpoints)
+    where = f"latest checkpoint {latest.name}" if latest else "no checkpoint to resume from"
+    return make_finding(
+        "run_killed",
+        f"the run was killed at step {last if last is not None else '?'} (status.json says running but no process "
+        f"holds its lock); {where}",
+        step=last, checkpoint=latest.name if latest else None,
+    )
 
 
 def _read_config(run: RunDir) -> tuple[Config | None, str | None]:
@@ -95,12 +114,7 @@ def merge_findings(recorded: list[Finding], computed: list[Finding]) -> list[Fin
 # ---------------------------------------------------------------- run facts
 
 
-def _float(value: Any) -> float | None:
-    try:
-        return None if value is None or isinstance(value, bool) else float(value)  # "nan" -> nan
-    except (TypeError, ValueError):
-        return None
-
+_float = to_float  # "nan" -> nan, junk -> None: the one coercion of metric values
 
 def _checkpoint_names(run: RunDir) -> list[str]:
     if not run.checkpoints.is_dir():
