@@ -5,6 +5,8 @@ Bad input raises `UserError`: printed as one line, exit code 2, no traceback unl
 one line too, exit code 1. Output can fail quietly: when stdout or stderr is closed early
 (``scratchlab runs --json | head -1``) a verb ends without a traceback and exits 141
 (128 + SIGPIPE, what the shell shows for a command such as ``yes`` cut off by ``head``).
+`train` is the exception: its console degrades silently and it exits with the run's own code
+(0 when the run finished), since the run and its record are complete.
 Unreadable lines of a run's record are one ``warning:`` line each on stderr (RecordWarning).
 """
 
@@ -468,18 +470,25 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         return EXIT_OS_ERROR
 
 
+def _raise_broken_pipe(console: object) -> None:
+    raise BrokenPipeError(errno.EPIPE, "Broken pipe")  # rich would exit 1; main answers it like any verb
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from rich.console import Console
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
     args = build_parser().parse_args(argv)
-    previous = warnings.showwarning
+    previous = warnings.showwarning, Console.on_broken_pipe
     warnings.showwarning = _show_warning
+    Console.on_broken_pipe = _raise_broken_pipe  # type: ignore[method-assign]
     try:
         return _run(args, debug)
     finally:
-        warnings.showwarning = previous
+        warnings.showwarning, Console.on_broken_pipe = previous  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

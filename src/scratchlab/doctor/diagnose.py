@@ -29,7 +29,7 @@ from scratchlab.doctor.findings import (
 )
 from scratchlab.doctor.monitors import MonitorConfig, check_metrics
 from scratchlab.errors import UserError
-from scratchlab.fileio import to_float
+from scratchlab.fileio import to_float, warn_record
 from scratchlab.runs import RunDir, read_metrics
 from scratchlab.runs.checkpoint import latest_checkpoint
 
@@ -57,7 +57,7 @@ def diagnose(run_dir: str | Path) -> Diagnosis:
     rows = [row for row in read_metrics(run.metrics_file) if isinstance(row, dict)]
     cfg, config_error = _read_config(run)
     monitor_cfg = MonitorConfig.from_config(cfg) if cfg is not None else MonitorConfig()
-    findings = merge_findings(read_findings(run.path / FINDINGS_FILE), check_metrics(rows, monitor_cfg))
+    findings = merge_findings(read_findings(run.path / FINDINGS_FILE), _computed_findings(run, rows, monitor_cfg))
     status = run.status()
     if status.get("status") == "crashed":
         findings = sort_findings([*findings, make_finding(
@@ -70,6 +70,17 @@ def diagnose(run_dir: str | Path) -> Diagnosis:
     if config_error:
         facts["config_error"] = config_error
     return Diagnosis(run.path, facts, findings)
+
+
+def _computed_findings(run: RunDir, rows: list[dict[str, Any]], monitor_cfg: MonitorConfig) -> list[Finding]:
+    # The monitors read what the trainer wrote; a hand-edited or damaged row they cannot take is one warning,
+    # never a traceback that hides every other finding.
+    try:
+        return check_metrics(rows, monitor_cfg)
+    except Exception as exc:  # noqa: BLE001 - any malformed value in any row
+        warn_record(f"{run.metrics_file}: the monitors could not read its rows ({type(exc).__name__}: "
+                    f"{str(exc)[:120]}); findings from the metrics are left out")
+        return []
 
 
 def _killed_finding(run: RunDir, status: dict[str, Any], rows: list[dict[str, Any]]) -> Finding:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import scratchlab.doctor.catalog  # noqa: F401  (registers the codes)
+from scratchlab.fileio import to_float
 from scratchlab.doctor.findings import Finding, make_finding
 
 if TYPE_CHECKING:
@@ -135,13 +136,7 @@ class MonitorConfig:
 
 def _num(row: Row, key: str) -> float | None:
     """A metric as a float; non-finite values arrive as the strings "nan" / "inf"."""
-    value = row.get(key)
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+    return to_float(row.get(key))  # the one coercion (fileio): junk -> None, a huge int -> inf
 
 
 def _ev(value: float) -> float | str:

@@ -90,37 +90,40 @@ def read_run(run_dir: str | Path) -> RunRecord:
     """The record of a run dir (UserError when it is not one)."""
     run = RunDir.open(run_dir)
     config = _read_yaml_mapping(run.config_file)
-    envs = [_env(_json_file(run.path / "env.json"))]
-    envs += [_env(_json_file(p)) for p in sorted(run.path.glob("env_resume_step_*.json"))]
+    envs = [_env(_json_file(run.path / "env.json"), run.path / "env.json")]
+    envs += [_env(_json_file(p), p) for p in sorted(run.path.glob("env_resume_step_*.json"))]
     return RunRecord(
         path=run.path,
         config=config if isinstance(config, dict) else {},
         status=run.status(),
         envs=[e for e in envs if e],
-        data=_data(_json_file(run.path / "data.json")),
+        data=_data(_json_file(run.path / "data.json"), run.path / "data.json"),
         rows=[r for r in read_metrics(run.metrics_file) if isinstance(r, dict)],
         findings=read_findings(run.path / "findings.jsonl"),
         notes=read_notes(run.path),
     )
 
 
-def _keep(data: dict[str, Any], types: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+def _keep(data: dict[str, Any], types: dict[str, type | tuple[type, ...]], path: Path) -> dict[str, Any]:
     """``data`` without the known keys whose value has the wrong type (a hand-edited or corrupt record)."""
-    return {k: v for k, v in data.items() if k not in types or isinstance(v, types[k])}
+    bad = [k for k, v in data.items() if k in types and not isinstance(v, types[k])]
+    if bad:
+        warn_record(f"{path}: {', '.join(bad)} of the wrong type; left out")
+    return {k: v for k, v in data.items() if k not in bad}
 
 
-def _env(env: dict[str, Any]) -> dict[str, Any]:
-    env = _keep(env, {"git": dict, "argv": list, "pip_freeze": list})
+def _env(env: dict[str, Any], path: Path) -> dict[str, Any]:
+    env = _keep(env, {"git": dict, "argv": list, "pip_freeze": list}, path)
     if "git" in env:
-        env["git"] = _keep(env["git"], {"commit": str, "dirty": bool, "diff_sha256": str})
+        env["git"] = _keep(env["git"], {"commit": str, "dirty": bool, "diff_sha256": str}, path)
     for key in ("argv", "pip_freeze"):
         if key in env:
             env[key] = [str(x) for x in env[key]]
     return env
 
 
-def _data(data: dict[str, Any]) -> dict[str, Any]:
-    data = _keep(data, {"splits": dict})
+def _data(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    data = _keep(data, {"splits": dict}, path)
     if "splits" in data:
         data["splits"] = {k: v for k, v in data["splits"].items() if isinstance(v, dict)}
     return data

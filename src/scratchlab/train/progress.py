@@ -7,6 +7,9 @@ silently; train.log and the run record keep everything.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +32,18 @@ class Reporter:
         self._progress: Progress | None = None
         self._task = None
         self.console_broken = False  # stdout went away: nothing more is printed, the log goes on
+        # rich's default answer to EPIPE is SystemExit(1), which would end the run unsaved: degrade instead.
+        console.on_broken_pipe = self._broken_pipe  # type: ignore[method-assign]
+
+    def _broken_pipe(self) -> None:
+        self.console.quiet = True
+        if self.console.file is sys.stdout:  # so the interpreter's exit flush cannot fail either
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+        if not self.console_broken:
+            self._console_gone()
 
     def attach_log(self, path: Path) -> None:
         self._log = open(path, "a", encoding="utf-8")
