@@ -16,6 +16,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -50,7 +51,7 @@ from scratchlab.runs.store import RunDir, RunLock, lock_holder
 from scratchlab.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FUZZ_STATS = {"corruptions": 0, "tracebacks": 0}  # reported by the slow run (pytest -s)
+FUZZ_STATS: dict[str, int] = {"corruptions": 0, "tracebacks": 0}  # reported by the slow run (pytest -s)
 
 
 def cli(*argv: str) -> tuple[int, str, str]:
@@ -542,32 +543,86 @@ NASTY_LINES = [b"[1]", b'{"step": 1e400}', b'{"step": -1}', b'{"step": "x", "tok
                b'{"files": {"model.safetensors": 1}}', b"train: [", b"model: 5"]
 
 
+# Values of the wrong type or range put in place of a real one ("__BIG__" becomes the literal 1e400: inf on read).
+NASTY_VALUES = [[1], None, "x", "__BIG__", -1, {}, [], True, 10**30, "nan", {"a": [1]}, 1.5, "", "\udcff"]
+RECORD_FILES = ("status.json", "metrics.jsonl", "findings.jsonl", "env.json", "data.json", "config.yaml", "notes.md",
+                "state.json", MANIFEST)
+
+
 @st.composite
 def corruptions(draw, files: list[str]):
-    """(relative file, kind, payload, position fraction) x 1..3."""
+    """(relative file, kind, payload, position fraction) x 1..3; record files drawn three times as often."""
+    records = [f for f in files if Path(f).name in RECORD_FILES]
     ops = []
     for _ in range(draw(st.integers(1, 3))):
         ops.append((
-            draw(st.sampled_from(files)),
-            draw(st.sampled_from(["insert_bytes", "insert_line", "replace", "truncate", "flip"])),
+            draw(st.sampled_from(files + records + records)),
+            draw(st.sampled_from(["insert_bytes", "insert_line", "replace", "truncate", "flip", "retype", "retype"])),
             draw(st.one_of(st.sampled_from(NASTY_LINES), st.binary(min_size=1, max_size=48),
                            st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")))),
             draw(st.floats(0, 1)),
+            draw(st.sampled_from(NASTY_VALUES)),
         ))
     return ops
 
 
+def _paths(value, prefix=()):
+    """Every (container, key) inside a parsed JSON/YAML value."""
+    out = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.append((value, k))
+            out += _paths(v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out.append((value, i))
+            out += _paths(v)
+    return out
+
+
+def _retype(text: str, where: float, nasty, load, dump) -> str | None:
+    try:
+        doc = load(text)
+    except Exception:  # noqa: BLE001 - already corrupt: nothing to retype
+        return None
+    places = _paths(doc)
+    if not places:
+        return dump(nasty)
+    container, key = places[min(int(len(places) * where), len(places) - 1)]
+    container[key] = nasty
+    return dump(doc)
+
+
+def _json_dump(value) -> str:
+    return json.dumps(value).replace('"__BIG__"', "1e400")
+
+
 def corrupt(run: Path, ops) -> None:
-    for rel, kind, payload, where in ops:
+    import yaml
+
+    for rel, kind, payload, where, nasty in ops:
         path = run / rel
         if not path.is_file():
             continue
         data = path.read_bytes()
         at = int(len(data) * where)
-        if kind == "insert_bytes":
+        if kind == "retype" and path.suffix in (".json", ".jsonl", ".yaml"):
+            text = data.decode("utf-8", "replace")
+            if path.suffix == ".jsonl":
+                lines = text.splitlines()
+                if lines:
+                    i = min(int(len(lines) * where), len(lines) - 1)
+                    lines[i] = _retype(lines[i], (where * 7.3) % 1, nasty, json.loads, _json_dump) or lines[i]
+                new = "\n".join(lines) + "\n"
+            elif path.suffix == ".json":
+                new = _retype(text, where, nasty, json.loads, _json_dump) or text
+            else:
+                new = _retype(text, where, nasty, yaml.safe_load, lambda v: yaml.safe_dump(v, allow_unicode=True)) or text
+            data = new.encode("utf-8", "surrogatepass")
+        elif kind in ("insert_bytes", "retype"):
             data = data[:at] + payload + data[at:]
         elif kind == "insert_line":
-            starts = [0] + [i + 1 for i, b in enumerate(data) if b == 10]
+            starts = [0] + [m.end() for m in re.finditer(b"\n", data)]
             at = starts[min(int(len(starts) * where), len(starts) - 1)]
             data = data[:at] + payload + b"\n" + data[at:]
         elif kind == "replace":
@@ -575,7 +630,7 @@ def corrupt(run: Path, ops) -> None:
         elif kind == "truncate":
             data = data[:at]
         else:
-            data = bytes(b ^ 0x5A if at <= i < at + 16 else b for i, b in enumerate(data))
+            data = data[:at] + bytes(b ^ 0x5A for b in data[at:at + 16]) + data[at + 16:]
         path.write_bytes(data)
 
 
@@ -600,6 +655,9 @@ def _run_every_reader(run: Path, pristine: Path) -> None:
                     (["train", "--resume", str(run), "log.progress=lines"], {0, 2}),
                 ):
                     code, _, err = cli(*argv)
+                    key = f"{argv[0]}{'-json' if '--json' in argv else ''} exit {code}"
+                    FUZZ_STATS[key] = FUZZ_STATS.get(key, 0) + 1
+                    FUZZ_STATS["warning lines"] = FUZZ_STATS.get("warning lines", 0) + err.count("warning:")
                     assert code in allowed, (argv, code, err)
                     assert "Traceback" not in err
                     if code == 2:
@@ -616,10 +674,13 @@ def _check_series(lines) -> bytes:
 
 
 def _fuzz(finished: Path, examples: int) -> None:
-    files = sorted(str(p.relative_to(finished)) for p in finished.rglob("*") if p.is_file() and p.name != ".lock")
     pristine_root = Path(tempfile.mkdtemp(prefix="pristine-"))
     pristine = pristine_root / "pristine"
     shutil.copytree(finished, pristine)
+    template = pristine_root / finished.name  # the run plus a note, so notes.md is fuzzed too
+    shutil.copytree(finished, template)
+    (template / "notes.md").write_text("## 2026-01-01 00:00:00\n\nhypothesis: lr 3e-3 converges\n\n")
+    files = sorted(str(p.relative_to(template)) for p in template.rglob("*") if p.is_file() and p.name != ".lock")
 
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
@@ -628,7 +689,7 @@ def _fuzz(finished: Path, examples: int) -> None:
         work = Path(tempfile.mkdtemp(prefix="fuzz-"))
         try:
             run = work / "runs" / finished.name
-            shutil.copytree(finished, run)
+            shutil.copytree(template, run)
             corrupt(run, ops)
             import warnings
 
@@ -646,8 +707,9 @@ def _fuzz(finished: Path, examples: int) -> None:
 
 def test_fuzzed_run_records_never_raise(finished):
     before = FUZZ_STATS["corruptions"]
-    _fuzz(finished, 40)
-    assert FUZZ_STATS["corruptions"] - before >= 40 and FUZZ_STATS["tracebacks"] == 0
+    _fuzz(finished, 50)
+    print(f"\nfuzz: {FUZZ_STATS}")
+    assert FUZZ_STATS["corruptions"] - before >= 50 and FUZZ_STATS["tracebacks"] == 0
 
 
 @pytest.mark.slow
@@ -655,7 +717,7 @@ def test_fuzzed_run_records_never_raise_1000(finished):
     before = FUZZ_STATS["corruptions"]
     _fuzz(finished, 1000)
     tried = FUZZ_STATS["corruptions"] - before
-    print(f"\nfuzz: {tried} corruptions tried, {FUZZ_STATS['tracebacks']} tracebacks")
+    print(f"\nfuzz: {tried} corruptions tried, {FUZZ_STATS['tracebacks']} tracebacks; {FUZZ_STATS}")
     assert tried >= 1000 and FUZZ_STATS["tracebacks"] == 0
 
 
