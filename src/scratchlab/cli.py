@@ -2,7 +2,7 @@
 
 Bad input raises `UserError`: printed as one line, exit code 2, no traceback unless
 ``--debug`` is given. A file the OS refuses to write (disk full, read-only, no permission) is
-one line too, exit code 1. Output can fail quietly: when stdout or stderr is closed early
+one line too, exit code 2. Output can fail quietly: when stdout or stderr is closed early
 (``scratchlab runs --json | head -1``) a verb ends without a traceback and exits 141
 (128 + SIGPIPE, what the shell shows for a command such as ``yes`` cut off by ``head``).
 `train` is the exception: its console degrades silently and it exits with the run's own code
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from scratchlab.errors import EXIT_USER_ERROR, UserError
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: the shell's code for a writer whose reader went away
-EXIT_OS_ERROR = 1
+EXIT_OS_ERROR = EXIT_USER_ERROR  # a refused write is fixed by the user too (space, permissions)
 # OSErrors that are the machine's state, not a bug in scratchlab: one line, no traceback.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENAMETOOLONG,
                       errno.EIO, errno.EMFILE, errno.ENFILE}

@@ -345,6 +345,13 @@ def _from_json(text: str) -> RunSummary | None:
         return None
 
 
+def _unreadable(run_dir: Path) -> RunSummary:
+    return RunSummary(path=str(run_dir), name=run_dir.name, status="unreadable", step=None, max_steps=None,
+                      tokens=None, last_loss=None, best_val_loss=None, best_val_step=None, last_val_loss=None,
+                      last_val_bpb=None, tokens_per_s=None, wall_s=None, findings=0, errors=0, warnings=0,
+                      commit=None, dirty=None, notes=0)
+
+
 def scan_runs(root: str | Path = "runs", *, use_index: bool = True) -> list[RunSummary]:
     """A summary of every run dir under ``root``, oldest first (run dir names start with their start time)."""
     root = Path(root)
@@ -365,6 +372,10 @@ def scan_runs(root: str | Path = "runs", *, use_index: bool = True) -> list[RunS
                     summary = summarize(read_run(run_dir))
                 except UserError:
                     continue  # config.yaml vanished between the walk and the read
+                except Exception as exc:  # noqa: BLE001 - one unreadable run must not hide the others
+                    warn_record(f"{run_dir}: could not be summarized ({type(exc).__name__}: {str(exc)[:120]}); "
+                                "listed as unreadable")
+                    summary = _unreadable(run_dir)
             summary.path = str(run_dir)  # the root may be given another way next time
             summaries.append(summary)
             fresh[rel] = (sig, json.dumps(summary.to_json()))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scratchlab.errors import shorten
-from scratchlab.fileio import atomic_write, is_count, read_jsonl
+from scratchlab.fileio import RecordWriteError, atomic_write, is_count, read_jsonl, why
 
 if TYPE_CHECKING:
     from scratchlab.doctor.findings import Finding
@@ -49,8 +49,11 @@ class MetricsLogger:
         self._warn = warn or _warn
 
     def log(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            self._file.flush()
+        except OSError as exc:  # a full disk: one line naming the file, the run records the crash
+            raise RecordWriteError(f"could not append to {self.path}: {why(exc)}") from exc
         self._fan_out("log_row", row)
 
     def log_config(self, config: dict[str, Any]) -> None:

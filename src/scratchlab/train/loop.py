@@ -446,7 +446,7 @@ class Trainer:
 
     def log_first_batch(self) -> None:
         """Write what step 0 is fed to data_step0.txt: field note, the slicing bug was found only by looking."""
-        (self.run.path / "data_step0.txt").write_text(self.task.describe_batch(self.first_batch()), encoding="utf-8")
+        self.run.write_text("data_step0.txt", self.task.describe_batch(self.first_batch()))
 
     def log_row(self, metrics: MetricsLogger, row: dict) -> None:
         """Every metric row goes to metrics.jsonl, then past the monitors (the doctor reads what people read)."""
