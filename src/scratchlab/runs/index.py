@@ -115,7 +115,9 @@ def _keep(data: dict[str, Any], types: dict[str, type | tuple[type, ...]], path:
 def _env(env: dict[str, Any], path: Path) -> dict[str, Any]:
     env = _keep(env, {"git": dict, "argv": list, "pip_freeze": list}, path)
     if "git" in env:
-        env["git"] = _keep(env["git"], {"commit": str, "dirty": bool, "diff_sha256": str}, path)
+        optional_str = (str, type(None))
+        env["git"] = _keep(env["git"], {"commit": optional_str, "dirty": (bool, type(None)), "diff_sha256": optional_str},
+                           path)
     for key in ("argv", "pip_freeze"):
         if key in env:
             env[key] = [str(x) for x in env[key]]
