@@ -838,7 +838,13 @@ def _train(
         dropped = truncate_after(run.metrics_file, trainer.step, resume.rows)
         if dropped:
             reporter.info(f"discarded {dropped} metric rows logged after the checkpoint", style="dim")
-        trainer.replay_metrics([r for r in resume.rows if r.get("step", 0) <= trainer.step])
+        kept = [r for r in resume.rows if r.get("step", 0) <= trainer.step]
+        trainer.replay_metrics(kept)
+        # An owed eval/demo that an earlier resume already did (then was killed before its next save): done.
+        if trainer.pending_eval and any(r.get("step") == trainer.step and "val_loss" in r for r in kept):
+            trainer.pending_eval = False
+        if trainer.pending_demo and list(run.demos.glob(f"step_{trainer.step:06d}*")):
+            trainer.pending_demo = False
     if main:
         reporter.attach_log(run.log_file)
         for note in resume.notes if resume is not None else []:
