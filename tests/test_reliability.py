@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import hypothesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -665,6 +666,9 @@ def _run_every_reader(run: Path, pristine: Path) -> None:
     except BaseException:
         FUZZ_STATS["tracebacks"] += 1
         raise
+    finally:
+        if os.environ.get("FUZZ_STATS_FILE"):  # progress of a long run, readable while it goes
+            Path(os.environ["FUZZ_STATS_FILE"]).write_text(json.dumps(FUZZ_STATS))
 
 
 def _check_series(lines) -> bytes:
@@ -673,7 +677,7 @@ def _check_series(lines) -> bytes:
     return b""
 
 
-def _fuzz(finished: Path, examples: int) -> None:
+def _fuzz(finished: Path, examples: int, seed: int | None = None) -> None:
     pristine_root = Path(tempfile.mkdtemp(prefix="pristine-"))
     pristine = pristine_root / "pristine"
     shutil.copytree(finished, pristine)
@@ -682,8 +686,9 @@ def _fuzz(finished: Path, examples: int) -> None:
     (template / "notes.md").write_text("## 2026-01-01 00:00:00\n\nhypothesis: lr 3e-3 converges\n\n")
     files = sorted(str(p.relative_to(template)) for p in template.rglob("*") if p.is_file() and p.name != ".lock")
 
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=seed is None,
               suppress_health_check=list(HealthCheck))
+    @hypothesis.seed(seed or 0)
     @given(corruptions(files))
     def check(ops) -> None:
         work = Path(tempfile.mkdtemp(prefix="fuzz-"))
@@ -715,10 +720,10 @@ def test_fuzzed_run_records_never_raise(finished):
 @pytest.mark.slow
 def test_fuzzed_run_records_never_raise_1000(finished):
     before = FUZZ_STATS["corruptions"]
-    _fuzz(finished, 1000)
+    _fuzz(finished, int(os.environ.get("FUZZ_EXAMPLES", "1000")), seed=int(os.environ.get("FUZZ_SEED", "0")))
     tried = FUZZ_STATS["corruptions"] - before
     print(f"\nfuzz: {tried} corruptions tried, {FUZZ_STATS['tracebacks']} tracebacks; {FUZZ_STATS}")
-    assert tried >= 1000 and FUZZ_STATS["tracebacks"] == 0
+    assert tried >= int(os.environ.get("FUZZ_EXAMPLES", "1000")) and FUZZ_STATS["tracebacks"] == 0
 
 
 # ---------------------------------------------------------------- kill -9 mid-save (slow)
