@@ -277,6 +277,18 @@ def test_a_resume_whose_config_write_fails_keeps_the_old_config(run_copy, monkey
     assert not [p for p in run_copy.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("keep", [0, 300])
+def test_resume_refuses_a_truncated_config(run_copy, keep):
+    # Found by the fuzz: an emptied config.yaml resumed on the defaults (stdlib data) and crashed.
+    config = run_copy / "config.yaml"
+    config.write_bytes(config.read_bytes()[:keep])
+    before = snapshot(run_copy)
+    code, _, err = cli("train", "--resume", str(run_copy), "train.max_steps=10")
+    assert code == 2 and len(errors_of(err)) == 1 and "config.yaml" in err
+    assert ("lacks the section(s) data, model, train, optim" in err) if keep == 0 else ("invalid YAML" in err)
+    assert snapshot(run_copy) == before
+
+
 def test_atomic_write_keeps_the_old_file_and_names_the_cause(tmp_path, monkeypatch):
     target = tmp_path / "status.json"
     target.write_text('{"status": "running"}')
@@ -746,8 +758,8 @@ def test_kill_9_mid_save_loop_resumes_exactly(data_dir, tmp_path):
     overrides = dict(train__max_steps=16, train__save_every=2, train__keep_last=2)
     straight = run_tiny(data_dir, tmp_path / "straight", **overrides).run_dir
     out = tmp_path / "killed"
-    argv = ["train", "tiny-lm", *tiny_overrides(data_dir, out, **overrides)]
-    kills = 0
+    fresh = argv = ["train", "tiny-lm", *tiny_overrides(data_dir, out, **overrides)]
+    kills, events = 0, []
     while True:
         proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVER, *argv], env=env_for_subprocess(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -764,17 +776,19 @@ def test_kill_9_mid_save_loop_resumes_exactly(data_dir, tmp_path):
                 while list(out.glob("*/checkpoints/.tmp-*")) and proc.poll() is None:
                     time.sleep(0.01)
             time.sleep(0.005)
+        events.append((argv[1], proc.returncode, [p.name for p in out.glob("*/checkpoints/*")]))
         if proc.returncode == 0:
             break
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+        assert proc.returncode == -signal.SIGKILL, (events, proc.stderr.read().decode())
         run = next(out.iterdir())
         if latest_checkpoint(run / "checkpoints") is None:  # killed in the first save: start over
             shutil.rmtree(out)
+            argv = fresh
             continue
         assert scan_runs(out)[0].status == "killed"
         argv = ["train", "--resume", str(run)]
     run = next(out.iterdir())
-    print(f"\nkill -9 mid-save: {kills} kills survived")
+    print(f"\nkill -9 mid-save: {kills} kills survived; {events}")
     assert kills >= 3
     assert losses(run) == losses(straight) and losses(run, "val_loss") == losses(straight, "val_loss")
     assert all(verify_checkpoint(p) is None for p in step_checkpoints(run / "checkpoints"))

@@ -94,6 +94,7 @@ from scratchlab.families.registry import build_model, build_task
 from scratchlab.train.optim import build_optimizer, clip_threshold_at, lr_at
 from scratchlab.train.progress import Reporter
 
+RECORDED_SECTIONS = ("data", "model", "train", "optim")  # always in a run's config.yaml (to_yaml of a Config)
 CLIP_WINDOW = 100  # clip_ratio = clipped fraction of the last CLIP_WINDOW steps
 MAX_NONFINITE_STEPS = 3  # consecutive non-finite steps before the run is stopped
 
@@ -770,6 +771,10 @@ def train(
             if (launched_world() or (0, 1, 0))[0] == 0:  # under torchrun rank 0 writes the run, and holds its lock
                 locks.enter_context(RunLock(run.path))
             old = read_source(run.config_file)
+            missing = [k for k in RECORDED_SECTIONS if not isinstance(old.get(k), dict)]
+            if missing:  # a truncated or emptied config.yaml must not resume on defaults without a word
+                raise UserError(f"{run.config_file} lacks the section(s) {', '.join(missing)} that every run records "
+                                "(truncated or hand-edited?); restore it before resuming")
             raw = deep_merge(old, parse_overrides(overrides or []))
             cfg = build_config(raw)
             old_data = old.get("data", {}).get("path", "stdlib") if isinstance(old.get("data"), dict) else "stdlib"
@@ -803,7 +808,7 @@ def _train(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     with dist.main_first():  # rank 0 prepares (and caches) the data; the others then read it
-        cfg, task = build_task(cfg, reporter)
+        cfg, task = build_task(cfg, reporter.info)  # announce: a callable(str)
 
     # Build (and for a resume, restore) everything before touching the run dir, so a
     # failure here leaves no empty run dir and never alters an existing run's record.
