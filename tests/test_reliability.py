@@ -781,7 +781,7 @@ def test_kill_9_mid_save_loop_resumes_exactly(data_dir, tmp_path):
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, (events, proc.stderr.read().decode())
-        run = next(out.iterdir())
+        run = next(p for p in out.iterdir() if p.is_dir())  # not the runs index scan_runs writes beside it
         if latest_checkpoint(run / "checkpoints") is None:  # killed in the first save: start over
             shutil.rmtree(out)
             argv = fresh
@@ -789,7 +789,7 @@ def test_kill_9_mid_save_loop_resumes_exactly(data_dir, tmp_path):
         assert scan_runs(out)[0].status == "killed"
         argv = ["train", "--resume", str(run)]
         assert kills < 40, events  # every third kill lets at least one save through: the run must progress
-    run = next(out.iterdir())
+    run = next(p for p in out.iterdir() if p.is_dir())
     print(f"\nkill -9 mid-save: {kills} kills survived; {events}")
     assert kills >= 3
     assert losses(run) == losses(straight) and losses(run, "val_loss") == losses(straight, "val_loss")
