@@ -796,3 +796,10 @@ def test_kill_9_mid_save_loop_resumes_exactly(data_dir, tmp_path):
     assert all(verify_checkpoint(p) is None for p in step_checkpoints(run / "checkpoints"))
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+def test_a_lone_surrogate_in_a_record_is_written_as_a_replacement_character(run_copy, tmp_path):
+    # Found by the fuzz: "\udcff" is valid JSON but no UTF-8 report can hold it.
+    (run_copy / "data.json").write_text('{"path": "\\udcff", "splits": {}}')
+    code, _, err = cli("report", str(run_copy), "--out", str(tmp_path / "r.html"))
+    assert code == 0 and "Traceback" not in err and "\ufffd" in (tmp_path / "r.html").read_text()

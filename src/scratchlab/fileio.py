@@ -64,7 +64,7 @@ def atomic_write(path: str | Path, data: str | bytes, *, encoding: str = "utf-8"
     `RecordWriteError` names the path and the cause.
     """
     path = Path(path)
-    raw = data.encode(encoding) if isinstance(data, str) else data
+    raw = data.encode(encoding, "backslashreplace") if isinstance(data, str) else data  # never fails on a surrogate
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as out:
@@ -119,12 +119,23 @@ def read_text(path: str | Path, *, warn: bool = True) -> str | None:
         return raw.decode("utf-8", errors="replace")
 
 
+def _clean_text(text: str) -> str:
+    # JSON may spell a lone surrogate ("\\udcff"): valid JSON, but no UTF-8 page or file can hold it.
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def _finite_json(value: Any) -> Any:
-    """Non-finite floats (1e400, NaN) as their strings, as metrics.jsonl writes them."""
+    """Non-finite floats (1e400, NaN) as their strings, as metrics.jsonl writes them; lone surrogates as U+FFFD."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return _clean_text(value)
     if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
+        return {_clean_text(k): _finite_json(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_finite_json(v) for v in value]
     return value
