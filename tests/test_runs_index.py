@@ -12,6 +12,7 @@ from conftest import PINNED_GIT
 from scratchlab.cli import main
 from scratchlab.errors import UserError
 from scratchlab.runs import read_metrics
+from scratchlab.runs.store import RunLock
 from scratchlab.runs.index import INDEX_FILE, add_note, read_notes, scan_runs
 
 
@@ -82,7 +83,8 @@ def test_a_run_being_written_is_readable(root, record_runs):
     (run / "status.json").write_text(json.dumps({"status": "running", "step": 8}))
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "tokens": 1152, "loss": 5.1, "l')  # torn: the writer is mid-line
-    live = _by_status(scan_runs(root))["running"]
+    with RunLock(run):  # the live writer holds the run's lock (without it the run reads as killed)
+        live = _by_status(scan_runs(root))["running"]
     assert live.step == 8 and live.last_val_loss is not None
     assert live.wall_s is not None and live.wall_s != status["wall_s"]  # from the rows: the run has no summary yet
 

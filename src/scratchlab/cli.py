@@ -1,16 +1,32 @@
 """The `scratchlab` command. Every verb is a thin call into a public library function.
 
 Bad input raises `UserError`: printed as one line, exit code 2, no traceback unless
-``--debug`` is given.
+``--debug`` is given. A file the OS refuses to write (disk full, read-only, no permission) is
+one line too, exit code 2. Output can fail quietly: when stdout or stderr is closed early
+(``scratchlab runs --json | head -1``) a verb ends without a traceback and exits 141
+(128 + SIGPIPE, what the shell shows for a command such as ``yes`` cut off by ``head``).
+`train` is the exception: its console degrades silently and it exits with the run's own code
+(0 when the run finished), since the run and its record are complete.
+Unreadable lines of a run's record are one ``warning:`` line each on stderr (RecordWarning).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
+import warnings
 from collections.abc import Sequence
 
 from scratchlab.errors import EXIT_USER_ERROR, UserError
+
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: the shell's code for a writer whose reader went away
+EXIT_OS_ERROR = EXIT_USER_ERROR  # a refused write is fixed by the user too (space, permissions)
+# OSErrors that are the machine's state, not a bug in scratchlab: one line, no traceback.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENAMETOOLONG,
+                      errno.EIO, errno.EMFILE, errno.ENFILE}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -23,7 +39,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if preset:
             raise UserError("--resume takes the run's own config; give only overrides (e.g. train.max_steps=2000)")
-        result = train(resume=args.resume, overrides=overrides)
+        result = train(resume=args.resume, overrides=overrides, allow_data_change=args.allow_data_change)
     else:
         result = train(load_config(preset or "tiny-lm", overrides))
     return 0 if result.status in ("finished", "stopped") else 1
@@ -293,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", nargs="?", help="preset name or YAML path (default tiny-lm)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.max_steps=200")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume and data.path=...: continue on other data (data.json records both)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="sample from a trained run: text (lm), codes (codec_lm) or frames (cascade)")
@@ -448,22 +466,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    from scratchlab.fileio import RecordWarning
+
+    if issubclass(category, RecordWarning):  # a bad line in a run's record: one plain line
+        text = f"warning: {message}\n"
+    else:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+    try:
+        (file or sys.stderr).write(text)
+    except (OSError, ValueError, AttributeError):
+        pass  # stderr is gone: a warning must not stop anything
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's exit flush cannot fail again (Python docs, 'SIGPIPE')."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _say(text: str) -> None:
+    try:
+        print(text, file=sys.stderr)
+    except (OSError, ValueError, AttributeError):
+        pass  # stderr closed too: the exit code says it
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # inside the guard: a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except UserError as exc:
+        if debug:
+            raise
+        _say(f"error: {exc}")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except OSError as exc:
+        if debug or exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        _say(f"error: {where}{exc.strerror or exc}")
+        return EXIT_OS_ERROR
+
+
+def _raise_broken_pipe(console: object) -> None:
+    raise BrokenPipeError(errno.EPIPE, "Broken pipe")  # rich would exit 1; main answers it like any verb
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from rich.console import Console
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
     args = build_parser().parse_args(argv)
+    previous = warnings.showwarning, Console.on_broken_pipe
+    warnings.showwarning = _show_warning
+    Console.on_broken_pipe = _raise_broken_pipe  # type: ignore[method-assign]
     try:
-        return args.func(args)
-    except UserError as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _run(args, debug)
+    finally:
+        warnings.showwarning, Console.on_broken_pipe = previous  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -13,18 +13,23 @@ import difflib
 import types
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from scratchlab.errors import UserError
+from scratchlab.errors import UserError, shorten
+
+MAX_OVERRIDE_CHARS = 10_000  # one key=value on the command line
+MAX_CONFIG_BYTES = 1 << 20  # a YAML config file
+MAX_NAME = 100  # train.name (the run dir name adds a timestamp)
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors: a typo must never be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo must never be silently ignored. No float may be inf or nan
+    # (optim.lr=inf would train on nothing but NaN): every float field is finite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -236,8 +241,8 @@ class ClipConfig(_Section):
 
 
 class TrainConfig(_Section):
-    name: str = "run"
-    out_dir: str = "runs"
+    name: str = Field("run", min_length=1, max_length=MAX_NAME, description="Run name (the run dir's suffix).")
+    out_dir: str = Field("runs", min_length=1, max_length=4096)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast where the device has fast bf16 matmuls, else fp32."
@@ -287,11 +292,13 @@ class EvalConfig(_Section):
 class DemoConfig(_Section):
     every: int = Field(500, ge=1)
     prompts: list[str] = ["def ", "import ", "class "]
-    temperatures: list[float] = [0.0, 0.5, 1.0]
+    temperatures: list[Annotated[float, Field(ge=0)]] = Field([0.0, 0.5, 1.0], description="0 = greedy.")
     max_new_tokens: int = Field(64, ge=1)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    cfg_scales: list[float] = Field([1.0, 3.0], description="Codec LM: classifier-free guidance scales for demos.")
+    cfg_scales: list[Annotated[float, Field(ge=0)]] = Field(
+        [1.0, 3.0], description="Codec LM: classifier-free guidance scales for demos."
+    )
     seconds: float = Field(2.0, gt=0, description="Codec LM: demo length in seconds (frames = seconds * frame_rate).")
 
 
@@ -370,9 +377,27 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors/aliases: a few bytes of aliases can expand into gigabytes (a 'YAML bomb')."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's signature
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in configs; "
+                                              "write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing aliases (no expansion into huge values)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(text: str, where: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
+    except RecursionError as exc:
+        raise UserError(f"{where}: nested too deeply to be a config") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -394,10 +419,19 @@ def read_source(source: str | Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise UserError(f"config file {path} not found; give a YAML path or a preset ({', '.join(preset_names())})")
-        return _read_yaml(path.read_text(), str(path))
-    hint = difflib.get_close_matches(text_source, preset_names(), n=1)
+        try:
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise UserError(f"config file {path} is {path.stat().st_size:,} bytes; a config is under "
+                                f"{MAX_CONFIG_BYTES:,}: is it the right file?")
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start}); fix or restore it") from exc
+        except OSError as exc:
+            raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+        return _read_yaml(text, str(path))
+    hint = difflib.get_close_matches(text_source[:200], preset_names(), n=1)
     extra = f"; did you mean '{hint[0]}'?" if hint else f"; presets: {', '.join(preset_names())}"
-    raise UserError(f"unknown preset or config file '{text_source}'{extra}")
+    raise UserError(f"unknown preset or config file {shorten(text_source)}{extra}")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -406,17 +440,24 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise UserError(f"override '{item}' must look like section.key=value (e.g. optim.lr=3e-4)")
+            raise UserError(f"override {shorten(item)} must look like section.key=value (e.g. optim.lr=3e-4)")
+        if len(item) > MAX_OVERRIDE_CHARS:
+            raise UserError(f"override {shorten(key, 80)}=... is {len(item):,} characters; an override is under "
+                            f"{MAX_OVERRIDE_CHARS:,} (put long values in a YAML config file)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = safe_yaml(raw) if raw != "" else ""
+        except yaml.composer.ComposerError as exc:
+            raise UserError(f"override {shorten(key, 80)}: YAML aliases (*name) are not allowed; write the value "
+                            "out") from exc
+        except (yaml.YAMLError, RecursionError):
             value = raw
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"override '{item}' conflicts with an earlier override of '{part}'")
+                raise UserError(f"override {shorten(item)} conflicts with an earlier override of "
+                                f"{shorten(part, 80)}")
         node[parts[-1]] = value
     return nested
 
@@ -459,12 +500,12 @@ def _explain(exc: ValidationError) -> str:
         known = _known_keys(Config, loc[:-1])
         hint = difflib.get_close_matches(loc[-1], known, n=1)
         suggestion = f"did you mean '{'.'.join(loc[:-1] + (hint[0],))}'?" if hint else f"known keys: {', '.join(known)}"
-        return f"unknown config key '{dotted}'; {suggestion}"
+        return f"unknown config key {shorten(dotted, 120)}; {suggestion}"
     if not loc:  # a model-level validator: its message already names the fields
         return err["msg"].removeprefix("Value error, ")
     got = err.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"config field '{dotted}': {err['msg'].removeprefix('Value error, ')}{got_text}"
+    got_text = "" if isinstance(got, dict) else f" (got {shorten(got)})"
+    return f"config field '{dotted[:120]}': {err['msg'].removeprefix('Value error, ')[:300]}{got_text}"
 
 
 def build_config(raw: dict[str, Any]) -> Config:

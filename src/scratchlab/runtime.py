@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -63,3 +64,36 @@ def compiler_missing(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     return f"torch.compile is not used on {device.type}"
+
+
+# ---------------------------------------------------------------- the stop flag
+# Set by the trainer's SIGINT/SIGTERM handler. Long loops that run between two training steps
+# (evaluation batches, sampled tokens) poll it so Ctrl-C is answered within a batch or a token:
+# `check_stop()` raises StopRequested, which the trainer catches, saves and exits.
+
+_STOP = threading.Event()
+
+
+class StopRequested(BaseException):
+    """A stop (Ctrl-C, SIGTERM) was requested while an eval or a demo ran.
+
+    A BaseException, like KeyboardInterrupt, so a broad ``except Exception`` in a demo does not swallow it.
+    """
+
+
+def request_stop() -> None:
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    _STOP.clear()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def check_stop() -> None:
+    """Raise StopRequested if a stop was requested: the one-line poll for eval and sampling loops."""
+    if _STOP.is_set():
+        raise StopRequested

@@ -37,7 +37,7 @@ def test_monitor_codes_are_catalogued():
     assert family_units
     codes = finding_codes(DOCTOR / "monitors.py") | finding_codes(DOCTOR / "diagnose.py")
     codes |= set().union(*(finding_codes(path) for path in family_units))
-    assert codes == {"clip_saturated", "loss_spike", "loss_flat", "overfitting", "nonfinite", "run_crashed",
+    assert codes == {"clip_saturated", "loss_spike", "loss_flat", "overfitting", "nonfinite", "run_crashed", "run_killed",
                      "update_ratio", "entropy_collapse", "logit_growth", "moe_imbalance",
                      "grad_explosion", "output_rms_off", "output_constant", "output_copies_input"}
     assert codes <= set(CATALOG)

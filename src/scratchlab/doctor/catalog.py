@@ -80,6 +80,11 @@ register("logit_growth", "warning", "Logits keep growing",
 register("run_crashed", "error", "The run crashed",
          "An exception stopped training (status.json holds it); metrics and checkpoints up to then are intact.",
          "Read the error and train.log; fix the cause, then `scratchlab train --resume RUN` from the last checkpoint.")
+register("run_killed", "error", "The run was killed",
+         "status.json says running but no process holds the run's lock (RUN/.lock): the training process died "
+         "without a word (SIGKILL, out of memory, a lost node). Metrics and checkpoints up to then are intact.",
+         "Look at train.log and the system log (dmesg for the OOM killer); then `scratchlab train --resume RUN` "
+         "continues from the latest checkpoint (named in the evidence).")
 register("moe_imbalance", "warning", "Mixture-of-experts load is imbalanced",
          "The router sends most tokens to a few experts; the others do not learn.",
          "Raise the load-balance loss coefficient or use bias-based (aux-loss-free) balancing.")

@@ -31,7 +31,9 @@ from scratchlab.doctor.findings import (
 from scratchlab.doctor.monitors import RunMonitor
 from scratchlab.errors import UserError
 from scratchlab.families.registry import build_monitor
+from scratchlab.fileio import to_float, warn_record
 from scratchlab.runs import RunDir, read_metrics
+from scratchlab.runs.checkpoint import latest_checkpoint
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -56,17 +58,45 @@ def diagnose(run_dir: str | Path) -> Diagnosis:
     rows = [row for row in read_metrics(run.metrics_file) if isinstance(row, dict)]
     cfg, config_error = _read_config(run)
     monitor = build_monitor(cfg) if cfg is not None else RunMonitor()  # the generic monitors and the family's
-    findings = merge_findings(read_findings(run.findings_file), monitor.replay(rows))
+    findings = merge_findings(read_findings(run.findings_file), _computed_findings(run, rows, monitor))
     status = run.status()
     if status.get("status") == "crashed":
         findings = sort_findings([*findings, make_finding(
             "run_crashed", f"the run crashed at step {status.get('step', '?')}: {status.get('error', 'unknown error')}",
             step=status.get("step"), error=status.get("error"),
         )])
+    elif status.get("status") == "killed":
+        findings = sort_findings([*findings, _killed_finding(run, status, rows)])
     facts = run_facts(run, rows, cfg)
     if config_error:
         facts["config_error"] = config_error
     return Diagnosis(run.path, facts, findings)
+
+
+def _computed_findings(run: RunDir, rows: list[dict[str, Any]], monitor: RunMonitor) -> list[Finding]:
+    # The monitors read what the trainer wrote; a hand-edited or damaged row they cannot take is one warning,
+    # never a traceback that hides every other finding.
+    try:
+        return monitor.replay(rows)
+    except Exception as exc:  # noqa: BLE001 - any malformed value in any row
+        warn_record(f"{run.metrics_file}: the monitors could not read its rows ({type(exc).__name__}: "
+                    f"{str(exc)[:120]}); findings from the metrics are left out")
+        return []
+
+
+def _killed_finding(run: RunDir, status: dict[str, Any], rows: list[dict[str, Any]]) -> Finding:
+    steps = [r["step"] for r in rows if isinstance(r.get("step"), int)]
+    if isinstance(status.get("step"), int):
+        steps.append(status["step"])
+    last = max(steps, default=None)
+    latest = latest_checkpoint(run.checkpoints)
+    where = f"latest checkpoint {latest.name}" if latest else "no checkpoint to resume from"
+    return make_finding(
+        "run_killed",
+        f"the run was killed at step {last if last is not None else '?'} (status.json says running but no process "
+        f"holds its lock); {where}",
+        step=last, checkpoint=latest.name if latest else None,
+    )
 
 
 def _read_config(run: RunDir) -> tuple[Config | None, str | None]:
@@ -96,12 +126,7 @@ def merge_findings(recorded: list[Finding], computed: list[Finding]) -> list[Fin
 # ---------------------------------------------------------------- run facts
 
 
-def _float(value: Any) -> float | None:
-    try:
-        return None if value is None or isinstance(value, bool) else float(value)  # "nan" -> nan
-    except (TypeError, ValueError):
-        return None
-
+_float = to_float  # "nan" -> nan, junk -> None: the one coercion of metric values
 
 def _checkpoint_names(run: RunDir) -> list[str]:
     if not run.checkpoints.is_dir():

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from scratchlab.fileio import MAX_STEP, read_jsonl
+
 Severity = Literal["error", "warning", "info"]
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
@@ -81,16 +83,22 @@ def write_findings(path: Path, findings: list[Finding]) -> None:
             out.write(json.dumps(f.to_json(), default=float) + "\n")
 
 
+def _check_finding(row: dict[str, Any]) -> str | None:
+    if not isinstance(row.get("code"), str) or not isinstance(row.get("message"), str):
+        return "a finding without a string code and message"
+    if row.get("severity") not in SEVERITY_ORDER:
+        return "a finding with an unknown severity"
+    if not isinstance(row.get("evidence", {}), dict):
+        return "a finding whose evidence is not an object"
+    step = row.get("step")
+    if step is not None and not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= MAX_STEP):
+        return "a finding whose step is not a count"
+    return None
+
+
 def read_findings(path: Path) -> list[Finding]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(Finding.from_json(json.loads(line)))
-        except (json.JSONDecodeError, KeyError):
-            continue  # a torn last line after a crash
-    return rows
+    """The findings of a findings.jsonl; a torn last line is skipped, any other bad line warned about and skipped."""
+    return [Finding.from_json(row) for row in read_jsonl(path, _check_finding)]
 
 
 def sig(x: float, digits: int = 4) -> float | str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import scratchlab.doctor.catalog  # noqa: F401  (registers the codes)
+from scratchlab.fileio import to_float
 from scratchlab.doctor.findings import Finding, make_finding
 
 if TYPE_CHECKING:
@@ -125,13 +126,7 @@ def run_warmup(cfg: Config) -> int:
 
 def num(row: Row, key: str) -> float | None:
     """A metric as a float; non-finite values arrive as the strings "nan" / "inf"."""
-    value = row.get(key)
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+    return to_float(row.get(key))  # the one coercion (fileio): junk -> None, a huge int -> inf
 
 
 def ev(value: float) -> float | str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchlab.errors import UserError
+from scratchlab.fileio import atomic_write, why
 from scratchlab.runs.index import RunRecord, doctor_findings, read_run, tokens_per_s
 from scratchlab.runs.plots import (
     CURVES,
@@ -400,14 +401,16 @@ def comparison_plots(c: Comparison) -> dict[str, bytes]:
 def write_comparison(comparison: Comparison, out_dir: str | Path) -> Path:
     """Write compare.md, one PNG per plotted metric and compare.html (images inlined) into ``out_dir``; returns it."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {out}: {why(exc)}; give a writable --out DIR") from exc
     plots = comparison_plots(comparison)
     for name, png in plots.items():
-        (out / name).write_bytes(png)
+        atomic_write(out / name, png)
     text = comparison.markdown()
     section = "\n## Plots\n\n" if plots else ""
-    (out / "compare.md").write_text(text + section + "".join(f"![{n[:-4]}]({n})\n" for n in plots), encoding="utf-8")
+    atomic_write(out / "compare.md", text + section + "".join(f"![{n[:-4]}]({n})\n" for n in plots))
     inline = "".join(f"![{n[:-4]}]({png_data_uri(png)})\n" for n, png in plots.items())
-    (out / "compare.html").write_text(html_page(text + section + inline, "compare: " + " vs ".join(comparison.labels)),
-                                      encoding="utf-8")
+    atomic_write(out / "compare.html", html_page(text + section + inline, "compare: " + " vs ".join(comparison.labels)))
     return out

@@ -24,29 +24,22 @@ import yaml
 
 from scratchlab.doctor.findings import Finding, read_findings
 from scratchlab.errors import UserError
+from scratchlab.fileio import atomic_append, finite_float, read_json_object, read_text, warn_record
+from scratchlab.runs.checkpoint import latest_checkpoint
 from scratchlab.runs.metrics import read_metrics
-from scratchlab.runs.store import RunDir
+from scratchlab.runs.store import RunDir, lock_holder
 
 INDEX_FILE = ".index.sqlite"
-INDEX_VERSION = "1"  # bump when RunSummary changes: the cache is rebuilt
+INDEX_VERSION = "2"  # bump when RunSummary changes: the cache is rebuilt
 SIGNATURE_FILES = ("config.yaml", "status.json", "metrics.jsonl", "findings.jsonl", "env.json", "data.json", "notes.md")
 NOTE_HEADER = "## "
 
 
 def _json_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}  # absent, or being replaced right now: a summary must still come out
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path) or {}  # absent or malformed (warned): a summary must still come out
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) and not isinstance(value, bool) else None
+_finite = finite_float
 
 
 # ---------------------------------------------------------------- one run, in full
@@ -96,22 +89,62 @@ class RunRecord:
 def read_run(run_dir: str | Path) -> RunRecord:
     """The record of a run dir (UserError when it is not one)."""
     run = RunDir.open(run_dir)
-    try:
-        config = yaml.safe_load(run.config_file.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        config = {}
-    envs = [_json_file(run.path / "env.json")]
-    envs += [_json_file(p) for p in sorted(run.path.glob("env_resume_step_*.json"))]
+    config = _read_yaml_mapping(run.config_file)
+    envs = [_env(_json_file(run.path / "env.json"), run.path / "env.json")]
+    envs += [_env(_json_file(p), p) for p in sorted(run.path.glob("env_resume_step_*.json"))]
     return RunRecord(
         path=run.path,
         config=config if isinstance(config, dict) else {},
         status=run.status(),
         envs=[e for e in envs if e],
-        data=_json_file(run.path / "data.json"),
+        data=_data(_json_file(run.path / "data.json"), run.path / "data.json"),
         rows=[r for r in read_metrics(run.metrics_file) if isinstance(r, dict)],
         findings=read_findings(run.findings_file),
         notes=read_notes(run.path),
     )
+
+
+def _keep(data: dict[str, Any], types: dict[str, type | tuple[type, ...]], path: Path) -> dict[str, Any]:
+    """``data`` without the known keys whose value has the wrong type (a hand-edited or corrupt record)."""
+    bad = [k for k, v in data.items() if k in types and not isinstance(v, types[k])]
+    if bad:
+        warn_record(f"{path}: {', '.join(bad)} of the wrong type; left out")
+    return {k: v for k, v in data.items() if k not in bad}
+
+
+def _env(env: dict[str, Any], path: Path) -> dict[str, Any]:
+    env = _keep(env, {"git": dict, "argv": list, "pip_freeze": list}, path)
+    if "git" in env:
+        optional_str = (str, type(None))
+        env["git"] = _keep(env["git"], {"commit": optional_str, "dirty": (bool, type(None)), "diff_sha256": optional_str},
+                           path)
+    for key in ("argv", "pip_freeze"):
+        if key in env:
+            env[key] = [str(x) for x in env[key]]
+    return env
+
+
+def _data(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    data = _keep(data, {"splits": dict}, path)
+    if "splits" in data:
+        data["splits"] = {k: v for k, v in data["splits"].items() if isinstance(v, dict)}
+    return data
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    text = read_text(path)
+    if text is None:
+        return {}
+    try:
+        config = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        warn_record(f"{path}: not valid YAML ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
+                    "shown as empty")
+        return {}
+    if not isinstance(config, dict):
+        warn_record(f"{path}: holds a YAML {type(config).__name__}, not a mapping; shown as empty")
+        return {}
+    return config
 
 
 # ---------------------------------------------------------------- notes
@@ -124,16 +157,12 @@ def add_note(run_dir: str | Path, text: str) -> Path:
     if not text:
         raise UserError('the note is empty; give the text in quotes: scratchlab runs note RUN "hypothesis: ..."')
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    with open(run.notes_file, "a", encoding="utf-8") as out:
-        out.write(f"{NOTE_HEADER}{stamp}\n\n{text}\n\n")
+    atomic_append(run.notes_file, f"{NOTE_HEADER}{stamp}\n\n{text}\n\n")  # one line on a read-only run dir
     return run.notes_file
 
 
 def read_notes(run_dir: str | Path) -> str:
-    try:
-        return (Path(run_dir) / "notes.md").read_text(encoding="utf-8")
-    except OSError:
-        return ""
+    return read_text(Path(run_dir) / "notes.md") or ""
 
 
 # ---------------------------------------------------------------- one run, in one line
@@ -143,7 +172,7 @@ def read_notes(run_dir: str | Path) -> str:
 class RunSummary:
     path: str  # as found under the scanned root
     name: str
-    status: str  # running | finished | stopped | crashed | unknown
+    status: str  # running | finished | stopped | crashed | killed (status running, lock free) | unknown
     step: int | None
     max_steps: int | None
     tokens: int | None
@@ -162,6 +191,7 @@ class RunSummary:
     notes: int  # number of notes in notes.md
     error: str | None = None  # the crash message
     codes: list[str] = field(default_factory=list)  # finding codes, errors first
+    checkpoint: str | None = None  # the latest step checkpoint (where a resume starts)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,9 +244,21 @@ def summarize(record: RunRecord, findings: list[Finding] | None = None) -> RunSu
         commit=git.get("commit"),
         dirty=git.get("dirty"),
         notes=sum(line.startswith(NOTE_HEADER) for line in record.notes.splitlines()),
-        error=status.get("error"),
+        error=_killed_note(record) if status.get("status") == "killed" else _text(status.get("error")),
         codes=list(dict.fromkeys(f.code for f in findings)),
+        checkpoint=(latest.name if (latest := latest_checkpoint(record.path / "checkpoints")) else None),
     )
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _killed_note(record: RunRecord) -> str:
+    latest = latest_checkpoint(record.path / "checkpoints")
+    where = f"latest checkpoint {latest.name}" if latest else "no checkpoint"
+    return (f"killed at step {record.last_step()} (status.json says running but no process holds the run's lock); "
+            f"{where}")
 
 
 def summarize_run(run_dir: str | Path) -> RunSummary:
@@ -278,13 +320,21 @@ class _Index:
 
 
 def _open_index(path: Path) -> _Index | None:
+    if path.exists() and not path.is_file():
+        warn_record(f"{path} is not a file; listing without the index cache (delete it to get the cache back)")
+        return None
     for attempt in range(2):
         try:
             return _Index(path)
         except sqlite3.DatabaseError:
-            if attempt == 0 and path.exists():
-                path.unlink(missing_ok=True)  # corrupt: it is only a cache, rebuild it from the run dirs
-        except OSError:
+            try:
+                if attempt == 0 and path.is_file():
+                    path.unlink()  # corrupt: it is only a cache, rebuild it from the run dirs
+                    continue
+            except OSError:
+                pass
+            break
+        except (sqlite3.Error, OSError):
             break
     return None  # read-only root or similar: work without a cache
 
@@ -295,6 +345,13 @@ def _from_json(text: str) -> RunSummary | None:
         return RunSummary(**{f.name: data[f.name] for f in fields(RunSummary) if f.name in data})
     except (json.JSONDecodeError, TypeError):
         return None
+
+
+def _unreadable(run_dir: Path) -> RunSummary:
+    return RunSummary(path=str(run_dir), name=run_dir.name, status="unreadable", step=None, max_steps=None,
+                      tokens=None, last_loss=None, best_val_loss=None, best_val_step=None, last_val_loss=None,
+                      last_val_bpb=None, tokens_per_s=None, wall_s=None, findings=0, errors=0, warnings=0,
+                      commit=None, dirty=None, notes=0)
 
 
 def scan_runs(root: str | Path = "runs", *, use_index: bool = True) -> list[RunSummary]:
@@ -310,11 +367,17 @@ def scan_runs(root: str | Path = "runs", *, use_index: bool = True) -> list[RunS
             sig = _signature(run_dir)
             cached = index.cached.get(rel) if index else None
             summary = _from_json(cached[1]) if cached and cached[0] == sig else None
+            if summary is not None and summary.status == "running" and lock_holder(run_dir) is None:
+                summary = None  # it was live when cached and has been killed since: read it again
             if summary is None:
                 try:
                     summary = summarize(read_run(run_dir))
                 except UserError:
                     continue  # config.yaml vanished between the walk and the read
+                except Exception as exc:  # noqa: BLE001 - one unreadable run must not hide the others
+                    warn_record(f"{run_dir}: could not be summarized ({type(exc).__name__}: {str(exc)[:120]}); "
+                                "listed as unreadable")
+                    summary = _unreadable(run_dir)
             summary.path = str(run_dir)  # the root may be given another way next time
             summaries.append(summary)
             fresh[rel] = (sig, json.dumps(summary.to_json()))
@@ -341,7 +404,7 @@ def render_runs(summaries: list[RunSummary], console: Any) -> None:
     def num(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    styles = {"finished": "green", "running": "cyan", "stopped": "yellow", "crashed": "bold red"}
+    styles = {"finished": "green", "running": "cyan", "stopped": "yellow", "crashed": "bold red", "killed": "bold red"}
     cells: dict[str, list[Any]] = {c: [] for c in ("run", "status", "steps", "best val@step", "last val", "tokens",
                                                     "wall", "doctor", "commit", "notes")}
     for s in summaries:

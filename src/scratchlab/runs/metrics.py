@@ -20,6 +20,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scratchlab.errors import shorten
+from scratchlab.fileio import RecordWriteError, atomic_write, is_count, read_jsonl, why
+
 if TYPE_CHECKING:
     from scratchlab.doctor.findings import Finding
     from scratchlab.runs.sinks import Sink
@@ -46,8 +49,11 @@ class MetricsLogger:
         self._warn = warn or _warn
 
     def log(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            self._file.flush()
+        except OSError as exc:  # a full disk: one line naming the file, the run records the crash
+            raise RecordWriteError(f"could not append to {self.path}: {why(exc)}") from exc
         self._fan_out("log_row", row)
 
     def log_config(self, config: dict[str, Any]) -> None:
@@ -76,24 +82,25 @@ class MetricsLogger:
                         pass
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All complete rows; a torn last line (crash mid-write) is skipped, not fatal."""
-    rows = []
-    if not path.exists():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+def _check_row(row: dict[str, Any]) -> str | None:
+    for key in ("step", "tokens"):
+        if key in row and not is_count(row[key]):
+            return f"a row whose {key} is {shorten(row[key], 40)}, not a count"
+    return None
 
 
-def truncate_after(path: Path, step: int) -> int:
-    """Drop rows logged after ``step`` (work lost since the checkpoint a resume starts from)."""
-    rows = read_metrics(path)
+def read_metrics(path: Path, *, strict: bool = False) -> list[dict[str, Any]]:
+    """All complete rows (objects whose step and tokens are counts).
+
+    A torn last line (crash mid-write) is skipped silently; any other bad line is skipped with one
+    warning naming the file and line, or, with ``strict`` (a resume), refused as a UserError.
+    """
+    return read_jsonl(path, _check_row, strict=strict)
+
+
+def truncate_after(path: Path, step: int, rows: list[dict[str, Any]] | None = None) -> int:
+    """Drop rows logged after ``step`` (work lost since the checkpoint a resume starts from); atomic rewrite."""
+    rows = read_metrics(path) if rows is None else rows
     kept = [r for r in rows if r.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(rows) - len(kept)

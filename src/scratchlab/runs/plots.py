@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from scratchlab.fileio import to_float
+
 # Metrics plotted when present, in this order; (key, title, log-scale y when the range is wide).
 CURVES: list[tuple[str, str]] = [
     ("loss", "train loss (nats/token)"),
@@ -29,13 +31,9 @@ CODEBOOK_KEY = re.compile(r"^(val_)?loss_cb(\d+)$")
 
 
 def as_float(value: Any) -> float:
-    """A metric value as a float; "nan"/"inf" strings (how metrics.jsonl writes them) and junk -> nan."""
-    if isinstance(value, bool) or value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+    """A metric value as a float; "nan"/"inf" strings (how metrics.jsonl writes them), inf and junk -> nan (a gap)."""
+    f = to_float(value)
+    return f if f is not None and math.isfinite(f) else math.nan
 
 
 def series(rows: Iterable[dict[str, Any]], key: str, x: str = "step") -> tuple[list[float], list[float]]:

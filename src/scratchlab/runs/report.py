@@ -19,6 +19,7 @@ import yaml
 
 from scratchlab.doctor.findings import CATALOG, Finding
 from scratchlab.errors import UserError
+from scratchlab.fileio import atomic_write, read_text, why
 from scratchlab.runs.index import RunRecord, doctor_findings, read_run, summarize
 from scratchlab.runs.plots import (
     CURVES,
@@ -138,7 +139,7 @@ def _demos(record: RunRecord, out: Path, inline: bool) -> str:
     parts = []
     texts = sorted(demos.glob("step_*.txt"))
     for path in _pick(texts):
-        parts.append(f"### {path.stem.replace('_', ' ')}\n\n" + md_code(path.read_text(encoding="utf-8", errors="replace")))
+        parts.append(f"### {path.stem.replace('_', ' ')}\n\n" + md_code(read_text(path, warn=False) or ""))
     if len(texts) > MAX_DEMOS:
         parts.insert(0, f"{MAX_DEMOS} of {len(texts)} text demos, evenly spaced over training; all are in `demos/`.\n")
     codes = sorted(demos.rglob("*.npy"))
@@ -148,7 +149,7 @@ def _demos(record: RunRecord, out: Path, inline: bool) -> str:
             try:  # the header only (mmap), never pickle: shape and dtype say what was sampled
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
                 shape, dtype = "x".join(str(d) for d in arr.shape), str(arr.dtype)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - numpy raises many types for a damaged header
                 shape, dtype = f"unreadable ({type(exc).__name__})", "-"
             rows.append((f"`{path.relative_to(record.path).as_posix()}`", shape, dtype))
         parts.append("### Sampled code files\n\n" + md_table(["file", "shape", "dtype"], rows))
@@ -156,10 +157,14 @@ def _demos(record: RunRecord, out: Path, inline: bool) -> str:
     if audio:
         lines, budget = [], MAX_INLINE_AUDIO
         for path in audio:
-            size = path.stat().st_size
-            if inline and size <= budget:
+            try:
+                size = path.stat().st_size
+                data = path.read_bytes() if inline and size <= budget else None
+            except OSError:
+                continue  # vanished or unreadable: nothing to play
+            if data is not None:
                 budget -= size
-                src = f"data:audio/{AUDIO_SUFFIXES[path.suffix.lower()]};base64," + base64.b64encode(path.read_bytes()).decode()
+                src = f"data:audio/{AUDIO_SUFFIXES[path.suffix.lower()]};base64," + base64.b64encode(data).decode()
             else:  # a relative URL: a run dir's name may hold spaces, parentheses or '#'
                 src = quote(Path(os.path.relpath(path, out.parent)).as_posix(), safe="/")
             lines.append(f"- {md_cell(path.relative_to(record.path).as_posix())}: ![audio]({src})\n")
@@ -205,17 +210,23 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else record.path / "report.html"
     if out.suffix.lower() not in (".html", ".md"):
         raise UserError(f"--out {out}: the report is written as .html or .md; give a file name ending in one of them")
-    out.parent.mkdir(parents=True, exist_ok=True)
     plots = run_plots(record)
     inline = out.suffix.lower() == ".html"
-    if inline:
-        images = {name: png_data_uri(png) for name, png in plots.items()}
-    else:
-        folder = out.with_name(f"{out.stem}_files")
-        folder.mkdir(exist_ok=True)
-        for name, png in plots.items():
-            (folder / name).write_bytes(png)
-        images = {name: f"{folder.name}/{name}" for name in plots}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if inline:
+            images = {name: png_data_uri(png) for name, png in plots.items()}
+        else:
+            folder = out.with_name(f"{out.stem}_files")
+            folder.mkdir(exist_ok=True)
+            for name, png in plots.items():
+                atomic_write(folder / name, png)
+            images = {name: f"{folder.name}/{name}" for name in plots}
+    except OSError as exc:
+        raise UserError(f"cannot write the report to {out.parent}: {why(exc)}; give a writable --out FILE") from exc
     text = report_markdown(record, images, out, inline)
-    out.write_text(html_page(text, f"run {record.name}") if inline else text, encoding="utf-8")
+    try:
+        atomic_write(out, html_page(text, f"run {record.name}") if inline else text)
+    except UserError as exc:
+        raise UserError(f"{exc}; give a writable --out FILE") from exc
     return out

@@ -9,15 +9,23 @@
       checkpoints/     see runs/checkpoint.py
       demos/           step_NNNNNN.txt
       train.log
+      .lock            held (flock) by the process that trains the run: pid, host, start time
+
+Every file of the record is written atomically (scratchlab.fileio.atomic_write). The lock
+keeps a second writer out (`train --resume RUN` while RUN trains) and tells a live run from
+one that was killed: status.json says running but nobody holds the lock.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scratchlab.errors import UserError
+from scratchlab.errors import UserError, shorten
+from scratchlab.fileio import atomic_write, read_json_object, why
+
+MAX_NAME = 100  # characters of a run name (train.name); the dir name adds a timestamp
+LOCK_FILE = ".lock"
 
 
 def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 20) -> str | None:
@@ -80,17 +92,30 @@ class RunDir:
 
     @classmethod
     def create(cls, out_dir: str | Path, name: str) -> "RunDir":
+        """A new, empty run dir ``out_dir/<stamp>-<name>``; never collides, even with other processes."""
+        if len(name) > MAX_NAME:
+            raise UserError(f"run name {shorten(name, 60)} is {len(name)} characters; keep train.name to "
+                            f"{MAX_NAME} or fewer")
         safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
         root = Path(out_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the runs folder {root}: {why(exc)}; set train.out_dir") from exc
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = root / f"{stamp}-{safe}"
-        n = 1
-        while path.exists():  # two runs started in the same second
-            n += 1
-            path = root / f"{stamp}-{safe}-{n}"
-        (path / "checkpoints").mkdir(parents=True)
-        (path / "demos").mkdir()
-        return cls(path)
+        for n in range(1, 10_000):
+            # mkdir is atomic: whoever creates the dir owns it; the others take the next suffix
+            path = root / (f"{stamp}-{safe}" if n == 1 else f"{stamp}-{safe}-{n}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise UserError(f"cannot create run dir {path}: {why(exc)}") from exc
+            (path / "checkpoints").mkdir()
+            (path / "demos").mkdir()
+            return cls(path)
+        raise UserError(f"could not find a free run dir name under {root} for {safe}")
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
@@ -109,18 +134,121 @@ class RunDir:
     notes_file = property(lambda self: self.path / "notes.md")  # `scratchlab runs note`: hypotheses, results
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        tmp.replace(self.path / name)
+        atomic_write(self.path / name, json.dumps(data, indent=2, default=str))
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write(self.path / name, text)
 
     def set_status(self, status: str, **extra: Any) -> None:
         self.write_json("status.json", {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra})
 
-    def status(self) -> dict[str, Any]:
+    def try_set_status(self, status: str, **extra: Any) -> bool:
+        """set_status when the disk lets it (a crash must not hide the crash that caused it)."""
         try:
-            return json.loads((self.path / "status.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            self.set_status(status, **extra)
+            return True
+        except (UserError, OSError):
+            return False
+
+    def recorded_status(self) -> dict[str, Any]:
+        """status.json as written (validated: a mapping with a string status), {"status": "unknown"} else."""
+        data = read_json_object(self.path / "status.json")
+        if data is None:
             return {"status": "unknown"}
+        if not isinstance(data.get("status"), str):
+            data = {**data, "status": "unknown"}
+        if "step" in data and not (isinstance(data["step"], int) and not isinstance(data["step"], bool)):
+            data = {k: v for k, v in data.items() if k != "step"}
+        return data
+
+    def status(self) -> dict[str, Any]:
+        """The recorded status, with ``running`` turned into ``killed`` when no process holds the run's lock."""
+        data = self.recorded_status()
+        if data.get("status") == "running" and lock_holder(self.path) is None:
+            data = {**data, "status": "killed", "recorded_status": "running"}
+        return data
+
+
+# ---------------------------------------------------------------- the run lock
+
+
+def lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
+    """Who holds the run's lock ({pid, host, since}), or None when nobody does (the run is not training).
+
+    A probe takes a shared lock for an instant; the trainer's exclusive lock makes it fail.
+    """
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: never trained by a version with locks, or not here
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                info = read_json_object(path, warn=False) or {}
+                return {"pid": info.get("pid", "?"), "host": info.get("host", "?"), "since": info.get("since", "?")}
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+
+
+class RunLock:
+    """An exclusive flock on RUN/.lock, held for the whole time a process writes the run."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot lock run {self.path.parent}: {self.path}: {why(exc)}; "
+                            "the run dir must be writable to train in it") from exc
+        for attempt in range(20):  # a reader's probe holds a shared lock for an instant: retry briefly
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or attempt == 19:
+                    holder = lock_holder(self.path.parent) if exc.errno != errno.ENOLCK else None
+                    os.close(fd)
+                    if holder is None and exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise UserError(f"cannot lock run {self.path.parent}: {why(exc)}") from exc
+                    who = describe_holder(holder) if holder else "another process"
+                    raise UserError(f"run {self.path.parent} is being trained by {who}; wait for it to finish "
+                                    "or stop it (Ctrl-C / kill PID) before resuming") from None
+                time.sleep(0.05)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock itself holds, only its label is missing
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def run_family(run_dir: str | Path) -> str:
@@ -128,5 +256,9 @@ def run_family(run_dir: str | Path) -> str:
     import yaml
 
     run = RunDir.open(run_dir)
-    raw = yaml.safe_load(run.config_file.read_text()) or {}
-    return str((raw.get("model") or {}).get("family", "lm"))
+    try:
+        raw = yaml.safe_load(run.config_file.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UserError(f"{run.config_file} is unreadable ({shorten(str(exc), 120)}); fix or restore it") from exc
+    model = raw.get("model") if isinstance(raw, dict) else None
+    return str(model.get("family", "lm")) if isinstance(model, dict) else "lm"

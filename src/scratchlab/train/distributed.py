@@ -113,7 +113,10 @@ class DistContext:
 
     def shutdown(self) -> None:
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - peers already gone (a launcher's SIGTERM): the run is saved, exit 0
+                pass
 
 
 def launched_world() -> tuple[int, int, int] | None:

@@ -7,6 +7,7 @@ history are all restored; schedules are functions of the step).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -14,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,23 +45,37 @@ from scratchlab.doctor.probes import (
     snapshot,
     update_ratio,
 )
-from scratchlab.errors import UserError
+from scratchlab.errors import UserError, shorten
+from scratchlab.fileio import read_json_object, to_float
 from scratchlab.runs.metrics import MetricsLogger, read_metrics, truncate_after
 from scratchlab.runs.sinks import check_sinks, open_sinks
-from scratchlab.runs.store import RunDir, environment
+from scratchlab.runs.store import RunDir, RunLock, environment
 from scratchlab.runs.checkpoint import (
     BEST,
+    CORRUPT_SUFFIX,
     NonFiniteModelError,
-    latest_checkpoint,
+    corrupt_message,
+    latest_verified_checkpoint,
     load_trainer_state,
     load_weights,
     prune_checkpoints,
     read_state,
     save_checkpoint,
+    step_checkpoints,
 )
-from scratchlab.runtime import autocast, compiler_missing, resolve_device, resolve_precision
+from scratchlab.runtime import (
+    StopRequested,
+    autocast,
+    clear_stop,
+    compiler_missing,
+    request_stop,
+    resolve_device,
+    resolve_precision,
+    stop_requested,
+)
 from scratchlab.train.distributed import (
     DistContext,
+    launched_world,
     clip_grad_norm,
     full_model_state,
     full_optimizer_state,
@@ -80,6 +95,7 @@ from scratchlab.train.batches import BatchPrefetcher
 from scratchlab.train.optim import build_optimizer, clip_threshold_at, lr_at
 from scratchlab.train.progress import Reporter
 
+RECORDED_SECTIONS = ("data", "model", "train", "optim")  # always in a run's config.yaml (to_yaml of a Config)
 CLIP_WINDOW = 100  # clip_ratio = clipped fraction of the last CLIP_WINDOW steps
 MAX_NONFINITE_STEPS = 3  # consecutive non-finite steps before the run is stopped
 
@@ -106,13 +122,18 @@ class TrainResult:
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it between steps, saves, and exits cleanly."""
+    """Set by SIGINT/SIGTERM; the loop checks it between steps, saves, and exits cleanly.
+
+    The handler answers at once (one line on stderr) and sets the runtime's stop flag, which the
+    eval batches and demo tokens poll (`runtime.check_stop`), so a long eval does not delay the stop.
+    """
 
     def __init__(self) -> None:
         self.signal: str | None = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "_StopFlag":
+        clear_stop()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -122,10 +143,17 @@ class _StopFlag:
         if self.signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        request_stop()
+        try:  # straight to fd 2: no console lock is taken inside a signal handler
+            os.write(2, f"\n{self.signal}: stopping, saving a checkpoint (press Ctrl-C again to quit without "
+                        "saving)\n".encode())
+        except OSError:
+            pass  # stderr is gone: the stop goes on regardless
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        clear_stop()
 
 
 class _NullMetrics:
@@ -212,6 +240,9 @@ class Trainer:
         self._interval_tokens, self._interval_start = 0, time.perf_counter()  # for tokens_per_s rows
         self.monitor = build_monitor(cfg) if cfg.doctor.monitors else None  # generic + the family's monitors
         self.metrics: MetricsLogger | None = None  # set by fit(); findings also go to its tracker sinks
+        # A stop interrupted this step's eval / demo: the checkpoint says so and the resume runs them first.
+        self.pending_eval = self.pending_demo = False
+        self.good_checkpoint: Path | None = resume_from  # newest verified step checkpoint: never pruned
         if resume_from is not None:
             self._restore(resume_from)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * task.tokens_per_sample
@@ -235,6 +266,8 @@ class Trainer:
             "clip_history": torch.stack(list(self.clip_history)).tolist() if self.clip_history else [],
             "train_time_s": self.train_time,
             "wall_s": self.prior_wall + time.time() - self._t0,
+            "pending_eval": self.pending_eval,
+            "pending_demo": self.pending_demo,
         }
 
     def _restore(self, ckpt: Path) -> None:
@@ -250,14 +283,24 @@ class Trainer:
             self.data_gen.set_state(trainer_state["rng"]["data"])
             if "cuda" in trainer_state["rng"] and self.device.type == "cuda":
                 torch.cuda.set_rng_state(trainer_state["rng"]["cuda"], self.device)
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise UserError(f"checkpoint {ckpt}/trainer.pt does not match this model/optimizer ({exc})") from exc
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as exc:
+            raise UserError(f"checkpoint {ckpt}/trainer.pt does not match this model/optimizer "
+                            f"({shorten(str(exc), 160)})") from exc
+
+        def number(key: str, default: float) -> float:
+            value = to_float(state.get(key, default))
+            return default if value is None else value
+
         self.step = int(state["step"])
-        self.clip_history.extend(torch.tensor(bool(c), device=self.device) for c in state.get("clip_history", []))
-        self.best_val = float(state.get("best_val_loss", math.inf))
-        self.last_val = (float(state.get("val_loss", math.nan)), float(state.get("val_bpb", math.nan)))
-        self.train_time = float(state.get("train_time_s", 0.0))
-        self.prior_wall = float(state.get("wall_s", 0.0))
+        history = state.get("clip_history", [])
+        if isinstance(history, list):
+            self.clip_history.extend(torch.tensor(c, device=self.device) for c in history if isinstance(c, bool))
+        self.best_val = number("best_val_loss", math.inf)
+        self.last_val = (number("val_loss", math.nan), number("val_bpb", math.nan))
+        self.train_time = number("train_time_s", 0.0)
+        self.prior_wall = number("wall_s", 0.0)
+        self.pending_eval = state.get("pending_eval") is True
+        self.pending_demo = state.get("pending_demo") is True
 
     def save(self, name: str | None = None, weights_only: bool = False) -> Path | None:
         """Write a checkpoint from rank 0. Every rank must call it: FSDP gathers the full state first."""
@@ -283,7 +326,8 @@ class Trainer:
             self.reporter.info(f"warning: checkpoint {name} not saved: {exc}", style="yellow")
             return None
         if name != BEST:
-            prune_checkpoints(self.run.checkpoints, self.cfg.train.keep_last)
+            self.good_checkpoint = path  # written and fsynced by this process: verified by construction
+            prune_checkpoints(self.run.checkpoints, self.cfg.train.keep_last, keep=self.good_checkpoint)
         return path
 
     # -- one optimizer step
@@ -503,7 +547,7 @@ class Trainer:
 
     def log_first_batch(self) -> None:
         """Write what step 0 is fed to data_step0.txt: field note, the slicing bug was found only by looking."""
-        (self.run.path / "data_step0.txt").write_text(self.task.describe_batch(self.first_batch()), encoding="utf-8")
+        self.run.write_text("data_step0.txt", self.task.describe_batch(self.first_batch()))
 
     def log_row(self, metrics: MetricsLogger, row: dict) -> None:
         """Every metric row goes to metrics.jsonl, then past the monitors (the doctor reads what people read)."""
@@ -529,10 +573,37 @@ class Trainer:
 
     # -- evaluation and demos
 
-    def evaluate(self) -> dict[str, float]:
+    @contextlib.contextmanager
+    def _stop_polls(self):
+        """While an eval or demo runs: every forward call first checks the stop flag (a batch, a token).
+
+        One process only: under DDP/FSDP a rank that stopped mid-forward would leave the others
+        waiting in a collective, so there the stop waits for the step's end as before.
+        """
+        if self.dist.enabled:
+            yield
+            return
+
+        def poll(module, args):
+            if stop_requested():
+                raise StopRequested
+
+        handle = self.model.register_forward_pre_hook(poll)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def evaluate(self) -> dict[str, float] | None:
         """Validation figures; every rank evaluates the same fixed windows and takes the mean over ranks,
-        so all ranks agree exactly on ``best`` (FSDP's forward is collective: all ranks must run it)."""
-        val = self.task.evaluate(self.model, self.device, self.precision)
+        so all ranks agree exactly on ``best`` (FSDP's forward is collective: all ranks must run it).
+        None when a stop interrupted it."""
+        try:
+            with self._stop_polls():
+                val = self.task.evaluate(self.model, self.device, self.precision)
+        except StopRequested:
+            self.model.train()
+            return None
         keys = [k for k, v in val.items() if isinstance(v, (int, float))]
         return {**val, **dict(zip(keys, self.dist.all_mean([float(val[k]) for k in keys], self.device)))}
 
@@ -548,12 +619,40 @@ class Trainer:
             if not self.dist.is_main:
                 with tempfile.TemporaryDirectory(prefix="scratchlab-demo-") as scratch:
                     return self.task.demo(self.model, self.step, Path(scratch), self.device, self.precision)
-            return self.task.demo(self.model, self.step, self.run.demos, self.device, self.precision)
+            with self._stop_polls():
+                return self.task.demo(self.model, self.step, self.run.demos, self.device, self.precision)
+        except StopRequested:
+            self.pending_demo = True  # the resume writes this step's demo
+            self.model.train()
+            return None
         except Exception as exc:  # noqa: BLE001 - any demo failure is logged and training goes on
             self.reporter.info(f"warning: demo at step {self.step} failed ({type(exc).__name__}: {exc}); training continues", style="yellow")
             return None
 
     # -- the loop
+
+    def _eval_and_demo(self, metrics: MetricsLogger, last: bool, eval_due: bool | None = None,
+                       demo_due: bool | None = None) -> None:
+        """This step's eval and demo when due (or when a resume owes them: an interrupted one)."""
+        cfg, rep = self.cfg, self.reporter
+        eval_due = (self.step % cfg.eval.every == 0 or last) if eval_due is None else eval_due
+        demo_due = (self.step % cfg.demo.every == 0 or last) if demo_due is None else demo_due
+        if eval_due:
+            val = self.evaluate()
+            if val is None:  # interrupted by a stop: the resume evaluates (and demos) this step first
+                self.pending_eval, self.pending_demo = True, demo_due
+                return
+            val_loss = val["val_loss"]
+            self.last_val = (val_loss, val.get("val_bpb", math.nan))
+            self.log_row(metrics, {"step": self.step, "tokens": self.step * self.tokens_per_step, **val})
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in val.items() if k in ("val_loss", "val_bpb"))
+            rep.info(f"eval step {self.step}: {shown}", style="cyan")
+            if math.isfinite(val_loss) and val_loss < self.best_val:
+                self.best_val = val_loss
+                self.save(BEST, weights_only=True)
+        if demo_due:
+            if self.demo() is not None and (measured := self.task.demo_metrics()):
+                self.log_row(metrics, {"step": self.step, "tokens": self.step * self.tokens_per_step, **measured})
 
     def fit(self) -> TrainResult:
         cfg, run, rep = self.cfg, self.run, self.reporter
@@ -568,15 +667,23 @@ class Trainer:
         metrics.log_config(config_record(cfg))
         for finding in read_findings(run.findings_file) if self.step == 0 and main else []:
             metrics.log_finding(finding)  # the preflight findings written at run start
-        if main:
-            run.set_status("running", step=self.step)
-        if self.step == 0 and main:
-            self.log_first_batch()
         status = "finished"
         try:
+            if main:
+                run.set_status("running", step=self.step)
+            if self.step == 0 and main:
+                self.log_first_batch()
             with _StopFlag() as stop:
                 rep.start(cfg.train.max_steps, self.step)
-                while self.step < cfg.train.max_steps:
+                if self.pending_eval or self.pending_demo:  # the stop that saved the checkpoint cut them short
+                    owed = (self.pending_eval, self.pending_demo)
+                    self.pending_eval = self.pending_demo = False
+                    self._eval_and_demo(metrics, False, eval_due=owed[0], demo_due=owed[1])
+                    if self.pending_eval or self.pending_demo:  # interrupted again: the checkpoint stays as it is
+                        status = "stopped"
+                        rep.info(f"{stop.signal or 'SIGTERM'}: stopped at step {self.step}. "
+                                 f"Resume with: scratchlab train --resume {run.path}")
+                while self.step < cfg.train.max_steps and status != "stopped":
                     ok = self.train_step(metrics)
                     if self.nonfinite_seen:  # known on check steps only (Trainer._check_step)
                         what = "step skipped" if self.nonfinite_seen == 1 and not ok else \
@@ -596,20 +703,7 @@ class Trainer:
                             f"train.clip.max_norm, then resume from the last good checkpoint in {run.checkpoints}"
                         )
                     last = self.step == cfg.train.max_steps
-                    if self.step % cfg.eval.every == 0 or last:
-                        val = self.evaluate()
-                        val_loss = val["val_loss"]
-                        self.last_val = (val_loss, val.get("val_bpb", math.nan))
-                        self.log_row(metrics, {"step": self.step, "tokens": self.step * self.tokens_per_step, **val})
-                        shown = "  ".join(f"{k} {v:.4f}" for k, v in val.items() if k in ("val_loss", "val_bpb"))
-                        rep.info(f"eval step {self.step}: {shown}", style="cyan")
-                        if math.isfinite(val_loss) and val_loss < self.best_val:
-                            self.best_val = val_loss
-                            self.save(BEST, weights_only=True)
-                    if self.step % cfg.demo.every == 0 or last:
-                        if self.demo() is not None and (measured := self.task.demo_metrics()):
-                            self.log_row(metrics, {"step": self.step, "tokens": self.step * self.tokens_per_step,
-                                                   **measured})
+                    self._eval_and_demo(metrics, last)
                     # A signal may reach the ranks at different steps: they agree, then all save together.
                     if self.dist.any(stop.signal is not None, self.device):
                         rep.stop()
@@ -623,12 +717,15 @@ class Trainer:
         except BaseException as exc:
             status = "crashed"
             rep.stop()
-            if main:
-                run.set_status("crashed", step=self.step, error=f"{type(exc).__name__}: {exc}")
+            if main:  # whenever the disk lets it: a full disk must not hide the error that stopped the run
+                run.try_set_status("crashed", step=self.step, error=f"{type(exc).__name__}: {str(exc)[:1000]}")
             raise
         finally:
             self.batches.close()
-            metrics.close(status)
+            try:
+                metrics.close(status)
+            except OSError:
+                pass  # the disk is full: the rows already written are intact
             rep.stop()
         state = self._state()
         tokens_per_s = state["tokens"] / max(self.train_time, 1e-9)
@@ -697,34 +794,104 @@ def _print_summary(console: Console, result: TrainResult, demo_text: str | None)
     console.print(table)
 
 
+@dataclass
+class _Resume:
+    """What a resume read and validated before it may change anything in the run dir."""
+
+    rows: list[dict] = field(default_factory=list)  # metrics.jsonl, every line checked
+    notes: list[str] = field(default_factory=list)  # said once the run's log is open
+    corrupt: list[Path] = field(default_factory=list)  # checkpoints newer than the one resumed from, failing checks
+    data_change: tuple[str, str] | None = None  # (old, new) data.path, allowed with allow_data_change
+
+
+def _prepare_resume(run: RunDir, cfg: Config, old_data: object, allow_data_change: bool) -> tuple[Path, _Resume]:
+    """Read and validate everything a resume needs; writes nothing. UserError (one line) on anything unusable."""
+    info = _Resume()
+    if old_data != cfg.data.path:
+        if not allow_data_change:
+            raise UserError(
+                f"resume would change data.path from {shorten(str(old_data), 80)} to {shorten(cfg.data.path, 80)}; "
+                "a run trains on one dataset: start a new run, or pass --allow-data-change to continue on the new "
+                "data (the run's data.json then records both)"
+            )
+        info.data_change = (str(old_data), cfg.data.path)
+
+    problems: list[str] = []
+
+    def corrupt(ckpt: Path, problem: tuple[str, str]) -> None:
+        info.corrupt.append(ckpt)
+        problems.append(corrupt_message(ckpt, problem))
+        info.notes.append(f"warning: {problems[-1]}; set aside as {ckpt.name}{CORRUPT_SUFFIX}")
+
+    ckpt = latest_verified_checkpoint(run.checkpoints, corrupt)
+    if ckpt is None and problems:
+        raise UserError(f"{problems[0]}, and no earlier checkpoint verifies; run {run.path} cannot be resumed: "
+                        "start a new run")
+    if ckpt is None:
+        raise UserError(f"run {run.path} has no checkpoint to resume from; start a new run instead")
+    if info.corrupt:
+        info.notes.append(f"resuming from {ckpt.name}, the newest checkpoint that verifies")
+    recorded = run.recorded_status()
+    if recorded.get("status") == "running":  # we hold the lock, so nobody is training it
+        info.notes.append(f"run was killed at step {recorded.get('step', '?')} (status.json said running, no process "
+                          f"held its lock); resuming from {ckpt.name}")
+    read_state(ckpt)  # state.json: a JSON object with a step
+    info.rows = read_metrics(run.metrics_file, strict=True)
+    return ckpt, info
+
+
+def _set_aside(ckpt: Path) -> None:
+    target = ckpt.with_name(ckpt.name + CORRUPT_SUFFIX)
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{ckpt.name}{CORRUPT_SUFFIX}{n}")
+    os.replace(ckpt, target)
+
+
 def train(
     config: Config | None = None,
     *,
     resume: str | Path | None = None,
     overrides: list[str] | None = None,
     console: Console | None = None,
+    allow_data_change: bool = False,
 ) -> TrainResult:
-    """Train a new run from ``config``, or continue the run dir ``resume`` (with optional overrides)."""
+    """Train a new run from ``config``, or continue the run dir ``resume`` (with optional overrides).
+
+    The training process holds the run's lock (RUN/.lock) for the whole run: a second writer is
+    refused. A resume reads and validates everything (config, checkpoint, metrics) before it changes
+    anything in the run dir; ``allow_data_change`` lets it continue on another ``data.path``.
+    """
     wall_start = time.time()
     console = console or Console()
-    if resume is not None:
-        run = RunDir.open(resume)
-        raw = deep_merge(read_source(run.config_file), parse_overrides(overrides or []))
-        cfg = build_config(raw)
-        ckpt = latest_checkpoint(run.checkpoints)
-        if ckpt is None:
-            raise UserError(f"run {run.path} has no checkpoint to resume from; start a new run instead")
-    else:
-        cfg = config if config is not None else build_config({})
-        run, ckpt = None, None
+    with contextlib.ExitStack() as locks:
+        resume_info = None
+        if resume is not None:
+            run = RunDir.open(resume)
+            if (launched_world() or (0, 1, 0))[0] == 0:  # under torchrun rank 0 writes the run, and holds its lock
+                locks.enter_context(RunLock(run.path))
+            old = read_source(run.config_file)
+            missing = [k for k in RECORDED_SECTIONS if not isinstance(old.get(k), dict)]
+            if missing:  # a truncated or emptied config.yaml must not resume on defaults without a word
+                raise UserError(f"{run.config_file} lacks the section(s) {', '.join(missing)} that every run records "
+                                "(truncated or hand-edited?); restore it before resuming")
+            raw = deep_merge(old, parse_overrides(overrides or []))
+            cfg = build_config(raw)
+            old_data = old.get("data", {}).get("path", "stdlib") if isinstance(old.get("data"), dict) else "stdlib"
+            ckpt, resume_info = _prepare_resume(run, cfg, old_data, allow_data_change)
+        else:
+            cfg = config if config is not None else build_config({})
+            run, ckpt = None, None
 
-    # Under torchrun: join the process group first; from here on every rank runs the same code,
-    # and only rank 0 prints and writes the run dir (docs/distributed.md).
-    dist, _ = init_distributed(cfg.train.parallel, cfg.train.batch_size, resolve_device(cfg.train.device))
-    try:
-        return _train(cfg, run, ckpt, console if dist.is_main else quiet_console(), dist, wall_start)
-    finally:
-        dist.shutdown()
+        # Under torchrun: join the process group first; from here on every rank runs the same code,
+        # and only rank 0 prints and writes the run dir (docs/distributed.md).
+        dist, _ = init_distributed(cfg.train.parallel, cfg.train.batch_size, resolve_device(cfg.train.device))
+        try:
+            return _train(cfg, run, ckpt, console if dist.is_main else quiet_console(), dist, wall_start,
+                          resume_info, locks)
+        finally:
+            dist.shutdown()
 
 
 def quiet_console() -> Console:
@@ -733,7 +900,8 @@ def quiet_console() -> Console:
 
 
 def _train(
-    cfg: Config, run: RunDir | None, ckpt: Path | None, console: Console, dist: DistContext, wall_start: float
+    cfg: Config, run: RunDir | None, ckpt: Path | None, console: Console, dist: DistContext, wall_start: float,
+    resume: _Resume | None = None, locks: contextlib.ExitStack | None = None,
 ) -> TrainResult:
     main = dist.is_main
     reporter = Reporter(console, cfg.log.progress)
@@ -741,7 +909,7 @@ def _train(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     with dist.main_first():  # rank 0 prepares (and caches) the data; the others then read it
-        cfg, task = build_task(cfg, reporter.info)
+        cfg, task = build_task(cfg, reporter.info)  # announce: a callable(str)
 
     # Build (and for a resume, restore) everything before touching the run dir, so a
     # failure here leaves no empty run dir and never alters an existing run's record.
@@ -753,8 +921,10 @@ def _train(
     if run is None:
         if main:
             run = RunDir.create(cfg.train.out_dir, cfg.train.name)
+            if locks is not None:
+                locks.enter_context(RunLock(run.path))
             write_findings(run.findings_file, trainer.preflight_findings)
-            run.config_file.write_text(to_yaml(cfg))
+            run.write_text("config.yaml", to_yaml(cfg))
             task.write_assets(run)
             run.write_json("env.json", environment(device_text))
         # Rank 0 named the run dir (its timestamp); the others take its path, never create one.
@@ -762,14 +932,29 @@ def _train(
         run = trainer.run = run if main else RunDir(Path(path))
         trainer.prior_wall += time.time() - wall_start  # data preparation counts as wall time
     elif main:
-        run.config_file.write_text(to_yaml(cfg))  # overrides given at resume are part of the record
+        # Everything was read and validated (config, checkpoint, metrics): only now is the run dir changed.
+        resume = resume or _Resume(rows=read_metrics(run.metrics_file, strict=True))
+        for bad in resume.corrupt:
+            _set_aside(bad)
+        prune_checkpoints(run.checkpoints, len(step_checkpoints(run.checkpoints)) or 1)  # killed saves' temp dirs
+        run.write_text("config.yaml", to_yaml(cfg))  # overrides given at resume are part of the record
         run.write_json(f"env_resume_step_{trainer.step:06d}.json", environment(device_text))
-        dropped = truncate_after(run.metrics_file, trainer.step)
+        if resume.data_change is not None:
+            _record_data_change(run, task, resume.data_change, trainer.step)
+        dropped = truncate_after(run.metrics_file, trainer.step, resume.rows)
         if dropped:
-            console.print(f"discarded {dropped} metric rows logged after the checkpoint", style="dim")
-        trainer.replay_metrics(read_metrics(run.metrics_file))
+            reporter.info(f"discarded {dropped} metric rows logged after the checkpoint", style="dim")
+        kept = [r for r in resume.rows if r.get("step", 0) <= trainer.step]
+        trainer.replay_metrics(kept)
+        # An owed eval/demo that an earlier resume already did (then was killed before its next save): done.
+        if trainer.pending_eval and any(r.get("step") == trainer.step and "val_loss" in r for r in kept):
+            trainer.pending_eval = False
+        if trainer.pending_demo and list(run.demos.glob(f"step_{trainer.step:06d}*")):
+            trainer.pending_demo = False
     if main:
         reporter.attach_log(run.log_file)
+        for note in resume.notes if resume is not None else []:
+            reporter.info(note, style="yellow")
 
     m = trainer.model
     reporter.info(f"run dir: {run.path}")
@@ -801,6 +986,20 @@ def _train(
     finally:
         reporter.close()
     last_demo = trainer.run.demos / f"step_{result.step:06d}.txt"
-    if main:
-        _print_summary(console, result, last_demo.read_text() if last_demo.exists() else None)
+    if main and not reporter.console_broken:
+        try:
+            _print_summary(console, result, last_demo.read_text(errors="replace") if last_demo.exists() else None)
+        except OSError:
+            pass  # stdout closed (`| head`): the run and its record are complete
     return result
+
+
+def _record_data_change(run: RunDir, task: Task, change: tuple[str, str], step: int) -> None:
+    """An allowed data change at a resume: data.json describes the new data and keeps the old in ``history``."""
+    old = read_json_object(run.path / "data.json") or {"path": change[0]}
+    history = old.pop("history", [])
+    history = history if isinstance(history, list) else []
+    task.write_assets(run)  # the new data's data.json (and tokenizer)
+    new = read_json_object(run.path / "data.json") or {"path": change[1]}
+    new["history"] = [*history, {**old, "until_step": step}]
+    run.write_json("data.json", new)
