@@ -6,6 +6,7 @@ Usage::
     python benchmarks/train_throughput.py --gpu-124m [--reference] [--gpu h100] [section.key=value ...]   # on a GPU
     python benchmarks/train_throughput.py --dia [section.key=value ...]                                   # on a GPU
     python benchmarks/train_throughput.py --ab-against /tmp/before/src [--rounds 3] [args ...]            # A/B
+    python benchmarks/train_throughput.py --preset lm-mla-moe-tiny [--no-dense-reference]                 # MoE vs dense
 
 ``--reference`` also trains a plain PyTorch GPT-2 written in this file (nanoGPT's model: learned
 positions, LayerNorm, GELU MLP, tied head; the cross-entropy inside its compiled forward; fused
@@ -65,6 +66,12 @@ the device cannot run it):
   and the ratio is usually below 1; that is why ``train.precision=auto`` picks fp32 there (the
   header shows its choice on this machine).
 
+**MoE presets** (``model.moe.n_routed_experts`` > 0, e.g. ``--preset lm-mla-moe``) also train, in the
+same run and with their blocks of steps alternating, the dense model of the same width whose FFN has
+the same *active* FLOPs (hidden = (shared + top_k) x the expert width, ``dense_reference``), through
+the same trainer step, and print both models' tokens/s and MFU side by side with their ratio
+(``--no-dense-reference`` skips it).
+
 Dotted overrides apply to the preset as in ``scratchlab train`` (``train.batch_size=8``,
 ``model.n_layers=2``, ``train.device=cpu``, ``train.threads=4``). ``model.vocab_size`` is taken
 from the config, else 4096 (the tiny-lm tokenizer's size). Torch's thread count is left as it is
@@ -86,7 +93,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +146,7 @@ NO_SAVE = ["train.max_steps=1000000", "train.save_every=1000000", "eval.every=10
 class Session:
     """One timed training loop: a Trainer at one precision, or the reference model."""
 
-    label: str  # fp32 / bf16 (ours), or "reference"
+    label: str  # fp32 / bf16 (ours), "dense-fp32" / "dense-bf16" (MoE's dense reference), or "reference"
     step: Callable[[], None]
     nonfinite: Callable[[], int] = lambda: 0
     close: Callable[[], None] = lambda: None
@@ -195,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "bf16, compiled, on a GPU")
     parser.add_argument("--reference", action="store_true", help="also time a plain GPT-2 of the same shape written "
                         "here (loss inside its compiled forward), alternating with ours; print our ratio to it")
+    parser.add_argument("--no-dense-reference", action="store_true",
+                        help="MoE presets: do not also time the dense model of the same width and active FLOPs")
     parser.add_argument("--ab-against", default="", metavar="SRC",
                         help="A/B: run this benchmark in subprocesses alternating PYTHONPATH=SRC (e.g. a worktree "
                         "of the previous commit's src) and this checkout's src; print the tokens/s ratio")
@@ -338,12 +347,31 @@ class RandomTokens(Task):
     def loss(self, model: nn.Module, batch: dict, precision: str = "fp32"):
         return LMTask.loss(self, model, batch, precision)
 
+    def val_batch(self, index: int) -> dict:  # the timed steps run no eval; a fixed batch for completeness
+        return self.train_batch(self.cfg.eval.batch_size, torch.Generator().manual_seed(index))
+
 
 def bench_task(cfg: Config) -> tuple[Config, Task]:
     """The lm family trains on random tokens; other families on their own task (codec: synthetic codes)."""
     if cfg.model.family == "lm":
         return cfg, RandomTokens(cfg)
     return build_task(cfg)
+
+
+def dense_reference(cfg: Config) -> Config | None:
+    """For an MoE config, the dense model of the same width whose FFN has the same active FLOPs; else None.
+
+    Active FFN = shared + top_k experts of ``expert_mult x d_model`` each (the router's d x E is
+    left out: < 1% here), so the dense FFN is (shared + top_k) x expert_mult wide (x 3/2 for SwiGLU,
+    whose ``ffn_mult`` counts GELU-equivalent width).
+    """
+    moe = cfg.model.moe
+    if not moe.n_routed_experts:
+        return None
+    mult = (moe.n_shared_experts + moe.top_k) * moe.expert_mult * (1.5 if moe.expert_ffn == "swiglu" else 1.0)
+    model = cfg.model.model_copy(update={"moe": moe.model_copy(update={"n_routed_experts": 0, "n_shared_experts": 0}),
+                                         "ffn": moe.expert_ffn, "ffn_mult": mult})
+    return cfg.model_copy(update={"model": model})
 
 
 def trainer_session(cfg: Config, precision: str) -> Session:
@@ -658,6 +686,17 @@ def results_table(results: dict[str, PrecisionResult], matmul_size: int) -> Tabl
     return table
 
 
+def dense_table(results: dict[str, PrecisionResult], dense: dict[str, PrecisionResult]) -> Table:
+    table = Table(title="MoE vs the dense model of the same width and active FLOPs (same run, alternating blocks)")
+    for column in ("precision", "MoE tokens/s", "dense tokens/s", "MoE / dense", "MoE MFU", "dense MFU"):
+        table.add_column(column, justify="right")
+    for p, d in dense.items():
+        r = results[p]
+        table.add_row(p, f"{r.tokens_per_s:,.0f}", f"{d.tokens_per_s:,.0f}", f"{r.tokens_per_s / d.tokens_per_s:.2f}x",
+                      f"{r.mfu:.1%}" if r.mfu is not None else "-", f"{d.mfu:.1%}" if d.mfu is not None else "-")
+    return table
+
+
 def print_report(console: Console, report: dict[str, Any], results: dict[str, PrecisionResult]) -> None:
     print_header(console, report)
     console.print(results_table(results, report["bench"]["matmul_size"]))
@@ -671,6 +710,12 @@ def print_report(console: Console, report: dict[str, Any], results: dict[str, Pr
         console.print(f"[bold]reference GPT-2[/] (plain PyTorch, same shape, loss in its compiled forward), {p}: "
                       f"{r['tokens_per_s']:,.0f} tokens/s{mfu}; [bold]ours / reference: "
                       f"{ref['ours_over_reference']:.2f}x[/]")
+    dense = report.get("dense_reference")
+    if dense is not None:
+        m = dense["model"]
+        console.print(f"[bold]dense reference[/]: {m['params'] / 1e6:.2f}M params, {m['flops_per_token'] / 1e6:.1f} "
+                      f"MFLOP/token (MoE: {report['model']['flops_per_token'] / 1e6:.1f})")
+        console.print(dense_table(results, {p: PrecisionResult(**r) for p, r in dense["results"].items()}))
     if report["model"].get("unit") == "frames":
         k = report["model"].get("codes_per_frame")
         for name, r in results.items():
@@ -726,6 +771,9 @@ def run(args: argparse.Namespace, progress: Console) -> tuple[dict[str, Any], di
             raise UserError("--reference is a GPT-2 of the lm family's shape: use it with --gpu-124m or an lm preset")
         reference = ReferenceSession(cfg, device, precisions[0])
         sessions.append(Session("reference", reference.step))
+    dense_cfg = None if args.no_dense_reference else dense_reference(cfg)
+    if dense_cfg is not None:  # the same trainer step, in the same alternating blocks
+        sessions += [replace(trainer_session(dense_cfg, p), label=f"dense-{p}") for p in precisions]
 
     alternating = " (alternating blocks)" if len(sessions) > 1 else ""
     progress.print(f"training {', '.join(s.label for s in sessions)}{alternating}: {args.warmup} warmup + "
@@ -753,6 +801,15 @@ def run(args: argparse.Namespace, progress: Console) -> tuple[dict[str, Any], di
                                reference.flops_per_token(), matmul[precisions[0]], peak[1] if peak else None)
         ref = {"precision": precisions[0], "result": asdict(ref_result),
                "ours_over_reference": results[precisions[0]].tokens_per_s / ref_result.tokens_per_s}
+    dense = None
+    if dense_cfg is not None:
+        dense_summary = model_summary(dense_cfg)
+        dense_results = {p: summarize(p, times[f"dense-{p}"], dense_summary["tokens_per_step"],
+                                      dense_summary["flops_per_token"], matmul[p], peak[1] if peak else None)
+                         for p in precisions}
+        dense = {"model": dense_summary, "results": {p: asdict(r) for p, r in dense_results.items()},
+                 "moe_over_dense_tokens_per_s": {p: results[p].tokens_per_s / dense_results[p].tokens_per_s
+                                                 for p in precisions}}
     for r in results.values():
         if r.nonfinite_steps:
             notes.append(f"{r.precision}: {r.nonfinite_steps} timed steps had non-finite loss or gradients "
@@ -769,6 +826,7 @@ def run(args: argparse.Namespace, progress: Console) -> tuple[dict[str, Any], di
         "skipped": skipped,
         "bf16_over_fp32": ratios(results),
         "reference": ref,
+        "dense_reference": dense,
         "notes": notes,
     }
     return report, results

@@ -341,3 +341,18 @@ def test_the_reference_gpt2_has_gpt2_smalls_shape_and_trains_with_its_loss_insid
     before = session.model.head.weight.detach().clone()
     session.step()
     assert not torch.equal(before, session.model.head.weight)  # one AdamW step through the loss in its forward
+
+
+def test_moe_benchmark_compares_with_the_dense_model_of_equal_width_and_active_flops():
+    bench = _benchmark()
+    cfg = bench.bench_config("lm-mla-moe-tiny", [])
+    dense = bench.dense_reference(cfg)
+    assert dense is not None and dense.model.moe.n_routed_experts == 0 and dense.model.d_model == cfg.model.d_model
+    with torch.device("meta"):
+        moe_model, dense_model = build_model(cfg.model), build_model(dense.model)
+    seq = cfg.train.seq_len
+    # Same active FLOPs per token up to the router (d x E per layer, < 1 % here); fewer parameters.
+    assert dense_model.flops_per_token(seq) == pytest.approx(moe_model.flops_per_token(seq), rel=0.01)
+    assert dense_model.num_params() < moe_model.num_params()
+    assert bench.dense_reference(bench.bench_config("tiny-lm", [])) is None  # dense presets: nothing to compare
+    assert bench.parse_args(["--preset", "lm-mla-moe", "--no-dense-reference"]).no_dense_reference
