@@ -312,8 +312,8 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches. Returns False if it was skipped (non-finite)."""
         cfg = self.cfg.train
         lr = lr_at(self.step, self.cfg.optim, cfg.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # each group: its own base LR (train/optim.py) x the schedule
+            group["lr"] = lr_at(self.step, self.cfg.optim, cfg.max_steps, group.get("base_lr"))
         threshold = clip_threshold_at(self.step, cfg.clip)
         started = time.perf_counter()
         if self._compile_unverified:  # torch.compile fails on the first call, if at all: retry this step eagerly
