@@ -640,7 +640,7 @@ def _train(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     with dist.main_first():  # rank 0 prepares (and caches) the data; the others then read it
-        cfg, task = build_task(cfg, reporter)
+        cfg, task = build_task(cfg, reporter.info)
 
     # Build (and for a resume, restore) everything before touching the run dir, so a
     # failure here leaves no empty run dir and never alters an existing run's record.

@@ -148,7 +148,8 @@ def _role_groups(by_role: dict[str, list[nn.Parameter]], cfg: OptimConfig, only:
 
 
 def _config_wins_on_load(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """After ``load_state_dict``, put back the hyperparameters built from this run's config.
+    """After ``load_state_dict``, put back the hyperparameters built from this run's config (and refuse,
+    before it, the state of a RoleOptimizer with one clear line).
 
     torch restores every group's hyperparameters from the checkpoint; the config given at resume
     (e.g. an override of optim.muon_lr) must win, and older checkpoints carry no ``base_lr``.
@@ -159,6 +160,11 @@ def _config_wins_on_load(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
         for group, values in zip(opt.param_groups, built):
             group.update(values)
 
+    def check(opt: torch.optim.Optimizer, state: dict) -> None:
+        if "param_groups" not in state:  # a RoleOptimizer's state: one entry per part
+            raise ValueError(f"optimizer state has parts {sorted(state)} (was the run trained with another optim.name?)")
+
+    optimizer.register_load_state_dict_pre_hook(check)
     optimizer.register_load_state_dict_post_hook(restore)
     return optimizer
 
@@ -206,10 +212,13 @@ def newton_schulz(grad: torch.Tensor, steps: int, eps: float = NS_EPS) -> torch.
     tall = grad.size(-2) > grad.size(-1)
     if tall:
         x = x.mT
+    flat = x.dim() == 2
+    x = x.unsqueeze(0) if flat else x.flatten(0, -3)
     x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= 1
-    for _ in range(steps):
+    for _ in range(steps):  # the same fused bf16 ops as torch's addmm, batched
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.squeeze(0) if flat else x.view(*grad.shape[:-2], *x.shape[-2:])
     return x.mT if tall else x
 
 
