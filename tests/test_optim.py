@@ -291,3 +291,36 @@ def test_value_embeddings_change_outputs_and_train():
     assert torch.allclose(step, model(ids), atol=1e-5)
     with pytest.raises(UserError, match="model.value_embed"):
         build_model(load_config("lm-mla-moe-tiny", ["model.vocab_size=64", "model.value_embed=true"]).model)
+
+
+# ---------------------------------------------------------------- slow: muon under torchrun
+
+
+@pytest.mark.slow
+def test_muon_under_ddp_matches_one_process_and_fsdp_is_refused(data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import run_tiny
+    from test_distributed import _env, losses as dist_rows, torchrun
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run_tiny(data_dir, tmp_path / "single", optim__name="muon", train__grad_accum=2).run_dir
+    finally:
+        torch.set_num_threads(threads)
+    ddp = torchrun(tmp_path / "ddp", "train.parallel=ddp", "train.grad_accum=2", "optim.name=muon", data_dir=data_dir)
+    # Muon's bf16 Newton-Schulz turns the all-reduce's float-sum order (~1e-7) into ~3e-4 relative
+    # differences; a rank that diverged (a missed gradient sync) would differ by far more.
+    got, want = dist_rows(ddp), dist_rows(single)
+    assert [g[:2] for g in got] == [w[:2] for w in want] and len(got) > 16
+    assert all(math.isclose(g[2], w[2], rel_tol=2e-3) for g, w in zip(got, want)), list(zip(got, want))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "scratchlab",
+           "train", "tiny-lm", *tiny_overrides(data_dir, tmp_path / "fsdp", train__threads=1),
+           "train.parallel=fsdp", "optim.name=muon"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    out = done.stderr + done.stdout  # torchrun adds its own traceback of the failed child; the rank says one line
+    assert "error: optim.name=muon cannot run on FSDP-sharded matrices" in out and "exitcode: 2" in out
+    assert not (tmp_path / "fsdp").exists() or not any((tmp_path / "fsdp").iterdir())
