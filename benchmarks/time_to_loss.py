@@ -190,7 +190,8 @@ def summarize(records: list[RunRecord], target: float) -> list[dict]:
         runs = [r for r in records if r.recipe == name]
         hits = [crossing(r.evals, target) for r in runs]
         finals = [r.evals[-1]["val_bpb"] for r in runs]
-        mid_step = runs[0].evals[len(runs[0].evals) // 2 - 1]["step"] if len(runs[0].evals) > 1 else None
+        last = runs[0].evals[-1]["step"]
+        mid_step = min((e["step"] for e in runs[0].evals[1:-1]), key=lambda s: abs(s - last / 2), default=None)
         mids = [next((e["val_bpb"] for e in r.evals if e["step"] == mid_step), None) for r in runs]
         opt_share = [statistics.median(o / s for o, s in zip(r.opt_s, r.step_s)) for r in runs]
         rows.append({
