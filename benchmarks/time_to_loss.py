@@ -32,7 +32,8 @@ Reported, per recipe (mean over seeds, and the spread):
 
 Writes ``OUT/time_to_loss.json`` (every eval of every run) and ``OUT/time_to_loss.png`` (val bits/byte
 against tokens, mean over seeds with the min-max band, the target as a line). ``--plot-only`` redraws
-the table and plot from a JSON written earlier.
+the table and plot from a JSON written earlier; ``--merge A.json B.json`` from the runs of several (e.g.
+one process per seed, ``--set train.seed=1338 --seeds 1``, to use more cores: each is interleaved within).
 """
 
 from __future__ import annotations
@@ -310,16 +311,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="val bits/byte to reach (default: the baseline's final val bits/byte, worst seed)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/time_to_loss"), help="folder for JSON and PNG")
     p.add_argument("--plot-only", action="store_true", help="redraw table and plot from OUT/time_to_loss.json")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="table and plot of the runs of several earlier JSONs (e.g. one process per seed), into OUT")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 160)  # the table is wide; logs should keep it whole
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         data_file = args.out / "time_to_loss.json"
-        if args.plot_only:
-            saved = json.loads(data_file.read_text())
-            records = [RunRecord(**r) for r in saved["runs"]]
-            command = saved.get("command", "")
+        if args.plot_only or args.merge:
+            saved = [json.loads(f.read_text()) for f in (args.merge or [data_file])]
+            records = [RunRecord(**r) for one in saved for r in one["runs"]]
+            command = " ; ".join(one.get("command", "") for one in saved)
         else:
             if args.seeds < 1 or args.eval_every < 1:
                 raise UserError("--seeds and --eval-every must be >= 1")

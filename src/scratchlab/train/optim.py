@@ -78,7 +78,7 @@ def optimizer_roles(model: nn.Module, cfg: OptimConfig) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- building
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool = False):  # noqa: ANN201 - see below
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool = False) -> torch.optim.Optimizer | RoleOptimizer:
     """The optimizer of ``optim.name`` over ``model``'s parameters, grouped by role.
 
     Returns a ``torch.optim.AdamW`` (``GroupedAdamW`` when the model asks for groups of its own)
