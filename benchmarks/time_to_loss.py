@@ -259,6 +259,11 @@ def plot(records: list[RunRecord], target: float, path: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
+def save_partial(path: Path, records: list[RunRecord]) -> None:
+    """The runs so far (after each eval round): a long race stopped early still leaves its curves."""
+    path.write_text(json.dumps({"command": " ".join(sys.argv), "partial": True, "runs": [asdict(r) for r in records]}))
+
+
 def race(args: argparse.Namespace, console: Console) -> list[RunRecord]:
     common = list(args.set)
     if args.max_steps:
@@ -292,6 +297,7 @@ def race(args: argparse.Namespace, console: Console) -> list[RunRecord]:
         if step % args.eval_every == 0 or step == steps:
             for racer in racers:
                 racer.evaluate()
+            save_partial(args.out / "time_to_loss.partial.json", [r.record for r in racers])
             line = "  ".join(f"{r.record.recipe}/{r.record.seed} {r.record.evals[-1]['val_bpb']:.4f}" for r in racers)
             console.print(f"step {step}/{steps} ({time.perf_counter() - started:.0f} s): val bpb {line}")
     return [r.record for r in racers]

@@ -56,5 +56,7 @@ def test_a_tiny_race_writes_table_json_and_plot(data_dir, tmp_path, capsys):
     assert baseline["reached"] == 2 and baseline["tokens_ratio"] == 1.0 and baseline["bpb_gain"] == 0
     assert 0 < saved["summary"][1]["opt_step_share"] < 1
     assert (tmp_path / "time_to_loss.png").stat().st_size > 10_000
+    partial = json.loads((tmp_path / "time_to_loss.partial.json").read_text())  # written at every eval round
+    assert partial["partial"] and [e["step"] for e in partial["runs"][0]["evals"]] == [0, 2, 4]
     assert "time to val bits/byte" in capsys.readouterr().out
     assert bench.main(["--plot-only", "--no-plot", "--out", str(tmp_path)]) == 0
