@@ -85,7 +85,7 @@ def test_codec_and_cascade_roles():
 
 
 def test_adamw_layout_is_unchanged_unless_roles_get_their_own_lr():
-    cfg = load_config("tiny-lm", ["model.vocab_size=64", "model.tie_embeddings=false"])
+    cfg = load_config("tiny-lm", ["model.vocab_size=64", "model.tie_embeddings=false", "optim.name=adamw"])
     model = build_model(cfg.model)
     opt = build_optimizer(model, cfg.optim)
     assert type(opt) is torch.optim.AdamW and [g["name"] for g in opt.param_groups] == ["matrices", "vectors"]
@@ -237,7 +237,8 @@ def test_doctor_is_silent_on_healthy_muon_and_flags_a_far_too_high_muon_lr(data_
 
 
 def tiny_model_config(**extra):
-    base = ["model.vocab_size=64", "model.n_layers=2", "model.d_model=32", "model.n_heads=2"]
+    base = ["model.vocab_size=64", "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.ffn=swiglu",
+            "model.zero_init_out=false"]  # the switches under test start from the plain block, whatever the preset
     return load_config("tiny-lm", base + [f"model.{k}={v}" for k, v in extra.items()]).model
 
 
