@@ -72,6 +72,9 @@ def tiny_overrides(data_dir: Path, out_dir: Path, **extra) -> list[str]:
         "demo.max_new_tokens": 8,
         "demo.prompts": "['def ']",
         "log.progress": "lines",
+        # The tests' tiny runs keep AdamW (the doctor's calibrations, FSDP, the optimizer-state layouts);
+        # Muon, the preset's optimizer, is tested in test_optim.py.
+        "optim.name": "adamw",
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in values.items()]

@@ -107,15 +107,19 @@ def test_resume_can_extend_a_finished_run(data_dir, tmp_path):
 
 
 def test_nonfinite_loss_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
-    real_loss = lm_task.token_loss
-    calls = {"n": 0}
+    real_loss, real_step = lm_task.token_loss, loop.Trainer.train_step
+    taking = {"step": None}  # the 0-based index of the optimizer step under way (None: preflight, before step 0)
+
+    def tracked(self, metrics):
+        taking["step"] = self.step
+        return real_step(self, metrics)
 
     def poisoned(logits, labels, reduction="mean"):
-        calls["n"] += 1
         loss = real_loss(logits, labels, reduction)
-        # Call 1 is preflight's gradient step (it trains with the family loss), calls 2-6 are steps 1-5.
-        return loss * float("nan") if calls["n"] > 6 and reduction == "mean" else loss
+        # Steps 1-5 train normally (preflight, which also calls the family loss, is never poisoned); 6-8 are NaN.
+        return loss * float("nan") if (taking["step"] or 0) >= 5 and reduction == "mean" else loss
 
+    monkeypatch.setattr(loop.Trainer, "train_step", tracked)
     monkeypatch.setattr(lm_task, "token_loss", poisoned)
     with pytest.raises(loop.TrainingDiverged, match="non-finite"):
         run_tiny(data_dir, tmp_path, train__save_every=2, eval__every=100)

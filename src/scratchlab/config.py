@@ -165,8 +165,8 @@ class ModelConfig(_Section):
     d_model: int = Field(256, ge=8)
     n_heads: int = Field(4, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="Fewer than n_heads = grouped-query attention.")
-    ffn: Literal["swiglu", "gelu", "gelu_affine"] = Field(
-        "swiglu", description="gelu_affine: gelu(a*x+b) with learned per-channel a, b."
+    ffn: Literal["swiglu", "gelu", "gelu_affine", "relu2"] = Field(
+        "swiglu", description="gelu_affine: gelu(a*x+b) with learned per-channel a, b; relu2: relu(x)^2 (modded-nanogpt)."
     )
     ffn_mult: float = Field(4.0, gt=0, description="Hidden width / d_model (SwiGLU uses 2/3 of it, as in LLaMA).")
     bias: bool = False
@@ -181,6 +181,12 @@ class ModelConfig(_Section):
     attn_softcap: float = Field(0.0, ge=0, description="tanh soft-cap of attention logits (0 = off).")
     logit_softcap: float = Field(0.0, ge=0, description="tanh soft-cap of the output logits (0 = off).")
     vocab_size: int | None = Field(None, ge=2, description="Defaults to the data's vocabulary size.")
+    zero_init_out: bool = Field(
+        False, description="Attention out-projections and FFN down-projections start at 0 (each block starts as identity)."
+    )
+    value_embed: bool = Field(
+        False, description="lm family, mha: a token embedding (shared by all layers) added to attention values."
+    )
     moe: MoEConfig = MoEConfig()
     attention: Literal["mha", "mla"] = Field("mha", description="mha: MHA/GQA (n_kv_heads); mla: latent attention.")
     mla: MLAConfig = MLAConfig()
@@ -272,7 +278,20 @@ class TrainConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(3e-3, gt=0)
+    """The optimizer by parameter role (train/optim.py): hidden matrices, embeddings, output head, vectors/scalars.
+
+    Every group's LR is its own base LR below x the schedule's factor (warmup, cosine / wsd / constant).
+    """
+
+    name: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw: AdamW for every parameter. muon: torch.optim.Muon for the hidden matrices "
+        "(attention, FFN, MoE experts, MLA, cascade stages), AdamW for embeddings, output heads, norms, "
+        "biases and scalars.",
+    )
+    lr: float = Field(
+        3e-3, gt=0, description="AdamW's LR: every parameter (adamw), the AdamW side's default (muon)."
+    )
     min_lr_frac: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr (cosine / wsd).")
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -281,6 +300,30 @@ class OptimConfig(_Section):
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
     decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps spent decaying.")
+    # Per-role LRs of the AdamW groups (None = optim.lr). Set under adamw too, they split the group out.
+    embed_lr: float | None = Field(None, gt=0, description="LR of the input embeddings (None = optim.lr).")
+    head_lr: float | None = Field(
+        None, gt=0, description="LR of an untied output head (model.tie_embeddings=false; None = optim.lr)."
+    )
+    scalar_lr: float | None = Field(
+        None, gt=0, description="LR of norms, biases and other vector/scalar parameters (None = optim.lr)."
+    )
+    # Muon (optim.name=muon): the hidden matrices only.
+    muon_lr: float = Field(
+        0.02, gt=0, description="muon: base LR of the hidden matrices, before the shape rule of muon_adjust_lr."
+    )
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: momentum of the orthogonalised update.")
+    muon_nesterov: bool = Field(True, description="muon: Nesterov momentum.")
+    muon_ns_steps: int = Field(5, ge=1, le=20, description="muon: Newton-Schulz iterations per step.")
+    muon_weight_decay: float = Field(
+        0.0, ge=0, description="muon: decoupled weight decay of the hidden matrices (W -= muon_lr x this x W)."
+    )
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = Field(
+        "original",
+        description="muon: LR scale by matrix shape [A, B]: original = sqrt(max(1, A/B)) (Keller Jordan; "
+        "muon_lr ~0.02); match_rms_adamw = 0.2 sqrt(max(A, B)) (Moonshot; update RMS like AdamW's, "
+        "muon_lr ~ an AdamW LR).",
+    )
 
 
 class EvalConfig(_Section):

@@ -91,6 +91,7 @@ class MonitorConfig:
     update_ratio_low: float = 1e-5
     update_ratio_lr_frac: float = 0.1
     update_ratio_rows: int = 3
+    update_ratio_lr_key: str = "optim.lr"  # the config field the advice names (the matrices' LR)
     # moe_imbalance: the busiest expert's share of routed tokens over its fair share (1/n_experts),
     # worst layer, above moe_load_ratio on moe_rows logged rows in a row after the warmup. Rows
     # carry it only for models that report their load (a `moe_load()` method, see the trainer).
@@ -113,12 +114,22 @@ class MonitorConfig:
     @classmethod
     def from_config(cls, cfg: Config, **overrides: Any) -> MonitorConfig:
         """Defaults, with the warmup taken from a run's config (LR and clip-threshold warmups)."""
-        return cls(**{"warmup_steps": run_warmup(cfg), **overrides})
+        ratio = UPDATE_RATIO_BY_OPTIMIZER.get(cfg.optim.name, {})  # the optimizer's own update_ratio bounds
+        return cls(**{"warmup_steps": run_warmup(cfg), **ratio, **overrides})
 
 
 def run_warmup(cfg: Config) -> int:
     """The steps at the start of a run where clipping and fast changes are normal: the longer of the warmups."""
     return max(cfg.optim.warmup_steps, cfg.train.clip.warmup_steps)
+
+
+# update_ratio bounds of the hidden matrices by optimizer (optim.name; AdamW's are the defaults above).
+# Muon's orthogonalised steps move a matrix by ~muon_lr x its shape factor whatever the gradient's size:
+# the tiny-lm preset with muon (muon_lr 0.02) measured 0.054 at the end of warmup, falling to 0.02 by step 60
+# (AdamW: 0.026); 30x that LR gives ~1. The high bound sits ~5x above the healthy peak.
+UPDATE_RATIO_BY_OPTIMIZER: dict[str, dict[str, Any]] = {
+    "muon": {"update_ratio_high": 0.25, "update_ratio_lr_key": "optim.muon_lr"},
+}
 
 
 # ---------------------------------------------------------------- small helpers
@@ -390,8 +401,9 @@ class UpdateRatio(Monitor):
         high = side > 0
         bound = c.update_ratio_high if high else c.update_ratio_low
         vectors = num(row, "update_ratio_vectors")
-        advice = ("the weights move too fast: lower optim.lr" if high
-                  else "the weights barely move: raise optim.lr (or check that the optimizer sees these parameters)")
+        key = c.update_ratio_lr_key  # the LR of the weight matrices: optim.lr, or optim.muon_lr under Muon
+        advice = (f"the weights move too fast: lower {key}" if high
+                  else f"the weights barely move: raise {key} (or check that the optimizer sees these parameters)")
         return make_finding(
             "update_ratio",
             f"update/weight ratio of the weight matrices {ratio:.3g} at step {step}, "

@@ -108,11 +108,15 @@ class CausalSelfAttention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         layer: int = 0,
+        value_embed: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``value_embed`` [B, T, G * E]: added to the values (modded-nanogpt's value embeddings), if given."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
         )
+        if value_embed is not None:
+            v = v + value_embed.to(v.dtype)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, E]: attention over T
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -188,6 +192,19 @@ class GeluFFN(nn.Module):
         if self.act_scale is not None:
             h = h * self.act_scale + self.act_shift
         return self.down(F.gelu(h))
+
+
+class ReLU2FFN(nn.Module):
+    """down(relu(up(x))^2): the squared-ReLU MLP (Primer; the modded-nanogpt speedrun)."""
+
+    def __init__(self, d_model: int, hidden: int, bias: bool) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden, bias=bias)
+        self.down = nn.Linear(hidden, d_model, bias=bias)
+        self.down.is_residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())
 
 
 def ffn_hidden(d_model: int, ffn: str, mult: float) -> int:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from scratchlab.config import ModelConfig
-from scratchlab.layers.blocks import CausalSelfAttention, GeluFFN, KVCache, RMSNorm, SwiGLU, ffn_hidden
+from scratchlab.layers.blocks import CausalSelfAttention, GeluFFN, KVCache, ReLU2FFN, RMSNorm, SwiGLU, ffn_hidden
 from scratchlab.layers.mla import LatentAttention
 from scratchlab.layers.moe import MoEFFN
 
@@ -30,6 +30,8 @@ def make_ffn(cfg: ModelConfig) -> nn.Module:
     hidden = ffn_hidden(cfg.d_model, cfg.ffn, cfg.ffn_mult)
     if cfg.ffn == "swiglu":
         return SwiGLU(cfg.d_model, hidden, cfg.bias)
+    if cfg.ffn == "relu2":
+        return ReLU2FFN(cfg.d_model, hidden, cfg.bias)
     return GeluFFN(cfg.d_model, hidden, cfg.bias, affine=cfg.ffn == "gelu_affine")
 
 
@@ -42,7 +44,15 @@ class Block(nn.Module):
         self.attn = make_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = make_ffn(cfg)
+        if cfg.zero_init_out:  # residual output projections start at 0 (layers/init.py honours the mark)
+            for module in self.modules():
+                if getattr(module, "is_residual_out", False) or hasattr(module, "w_out"):
+                    module.zero_init = True
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0,
+                value_embed: torch.Tensor | None = None) -> torch.Tensor:
+        if value_embed is None:  # attentions without value embeddings (MLA) keep their signature
+            x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        else:
+            x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, value_embed=value_embed)
         return x + self.ffn(self.ffn_norm(x))

@@ -5,7 +5,9 @@
 - ``depth_scaled``: ``normal``, with residual output projections (attention out, FFN down)
   at init_std / sqrt(2 * n_layers) so the residual stream does not grow with depth (GPT-2).
 - ``truncated_normal``: N(0, init_std) truncated at +-2 std.
-Biases start at zero and norm weights at one in every scheme. Stacked expert weights
+Biases start at zero and norm weights at one in every scheme. Modules marked ``zero_init``
+(``model.zero_init_out``: attention out-projections and FFN down-projections, expert ``w_out``,
+marked by the decoder Block) start at exactly zero in every scheme, so each block starts as the identity. Stacked expert weights
 (``GroupedExperts``: [E, out, in]) are initialised as E separate linear layers, their
 output projection (``w_out``) counting as a residual output.
 """
@@ -37,9 +39,13 @@ def init_weights(model: nn.Module, scheme: str, std: float, n_layers: int) -> No
                 nn.init.normal_(module.weight, std=residual_std if is_residual else std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+            if getattr(module, "zero_init", False):
+                nn.init.zeros_(module.weight)
         elif isinstance(module, GroupedExperts):
             for weight, residual in ((module.w_in, False), (module.w_out, True)):
                 _init_stacked(weight, scheme, residual_std if residual and scheme == "depth_scaled" else std)
+            if getattr(module, "zero_init", False):
+                nn.init.zeros_(module.w_out)
             for b in (module.b_in, module.b_out):
                 if b is not None:
                     nn.init.zeros_(b)

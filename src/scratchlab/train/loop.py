@@ -412,8 +412,8 @@ class Trainer:
         """
         cfg = self.cfg.train
         lr = lr_at(self.step, self.cfg.optim, cfg.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # each group: its own base LR (train/optim.py) x the schedule
+            group["lr"] = lr_at(self.step, self.cfg.optim, cfg.max_steps, group.get("base_lr"))
         threshold = clip_threshold_at(self.step, cfg.clip)
         logging = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
         check = self._check_step()

@@ -52,6 +52,8 @@ def unmapped_features(cfg: ModelConfig) -> list[str]:
         out.append(f"model.ffn={cfg.ffn} (Llama's FFN is SwiGLU)")
     if cfg.qk_norm:
         out.append("model.qk_norm=true (Llama has no QK-norm)")
+    if cfg.value_embed:
+        out.append("model.value_embed=true (Llama has no value embeddings)")
     if cfg.attn_softcap:
         out.append(f"model.attn_softcap={cfg.attn_softcap} (Llama has no attention soft-cap)")
     if cfg.logit_softcap:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scratchlab.config import ModelConfig
+from scratchlab.errors import UserError
 from scratchlab.layers.blocks import KVCache, RMSNorm, rope_tables
 from scratchlab.layers.decoder import Block
 from scratchlab.layers.init import init_weights
@@ -23,6 +24,13 @@ class TransformerLM(nn.Module):
             raise ValueError("model.vocab_size must be set (the trainer fills it from the data)")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Value embeddings (modded-nanogpt): a second token embedding, added to every layer's attention values.
+        self.value_emb = None
+        if cfg.value_embed:
+            if cfg.attention != "mha":
+                raise UserError("model.value_embed=true needs model.attention=mha; set model.value_embed=false for MLA")
+            kv_width = (cfg.n_kv_heads or cfg.n_heads) * (cfg.d_model // cfg.n_heads)
+            self.value_emb = nn.Embedding(cfg.vocab_size, kv_width)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -43,12 +51,13 @@ class TransformerLM(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.tok_emb(input_ids)
+        ve = self.value_emb(input_ids) if self.value_emb is not None else None
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute:  # keep only the block's input; redo its forward in backward (same RNG, same autocast)
-                x = checkpoint(block, x, cos, sin, None, i, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, None, i, value_embed=ve, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache, i)
+                x = block(x, cos, sin, cache, i, value_embed=ve)
         if cache is not None:
             cache.length += T
         logits = self.head(self.norm(x))
@@ -110,7 +119,9 @@ class TransformerLM(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())  # tied weights are counted once
-        return total - self.tok_emb.weight.numel() if exclude_embeddings else total
+        if not exclude_embeddings:
+            return total
+        return total - sum(e.weight.numel() for e in (self.tok_emb, self.value_emb) if e is not None)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x ACTIVE non-embedding params (incl. the head) + attention (PaLM appendix B).

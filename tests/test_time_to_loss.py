@@ -1,0 +1,62 @@
+"""benchmarks/time_to_loss.py: recipe parsing, the target crossing, and a tiny race end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_overrides
+
+from scratchlab.errors import UserError
+
+
+def _benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_loss.py"
+    spec = importlib.util.spec_from_file_location("time_to_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipes_are_names_with_presets_and_overrides():
+    bench = _benchmark()
+    assert bench.parse_recipe("adamw=", "tiny-lm", ["train.seed=1"]) == ("adamw", "tiny-lm", ["train.seed=1"])
+    assert bench.parse_recipe("m=my.yaml,optim.name=muon,demo.prompts=[a,b]", "tiny-lm", []) == (
+        "m", "my.yaml", ["optim.name=muon", "demo.prompts=[a,b]"])
+    with pytest.raises(UserError, match="NAME=ITEMS"):
+        bench.parse_recipe("optim.name", "tiny-lm", [])
+
+
+def test_crossing_is_interpolated_between_evals():
+    bench = _benchmark()
+    evals = [{"step": s, "tokens": 100 * s, "wall_s": 2.0 * s, "val_bpb": b} for s, b in [(0, 4.0), (10, 3.0), (20, 2.0)]]
+    assert bench.crossing(evals, 2.5) == {"tokens": 1500.0, "step": 15.0, "wall_s": 30.0}
+    assert bench.crossing(evals, 3.0) == {"tokens": 1000, "step": 10, "wall_s": 20.0}
+    assert bench.crossing(evals, 1.0) is None
+
+
+def test_a_tiny_race_writes_table_json_and_plot(data_dir, tmp_path, capsys):
+    bench = _benchmark()
+    common = [f"--set={o}" for o in tiny_overrides(data_dir, tmp_path / "runs", train__threads=1)]
+    code = bench.main([*common, "--max-steps", "4", "--eval-every", "2", "--seeds", "2", "--out", str(tmp_path),
+                       "--recipe", "adamw=", "--recipe", "muon=optim.name=muon,model.ffn=relu2"])
+    assert code == 0
+    saved = json.loads((tmp_path / "time_to_loss.json").read_text())
+    runs = saved["runs"]
+    assert [(r["recipe"], r["seed"]) for r in runs] == [("adamw", 1337), ("adamw", 1338), ("muon", 1337), ("muon", 1338)]
+    assert all([e["step"] for e in r["evals"]] == [0, 2, 4] and len(r["step_s"]) == 4 for r in runs)
+    # Same seed, same data order and (for equal shapes) same initial weights: equal step-0 evals.
+    assert runs[0]["evals"][0]["val_bpb"] == pytest.approx(runs[2]["evals"][0]["val_bpb"], rel=0.05)
+    baseline = saved["summary"][0]
+    assert saved["target"] == max(r["evals"][-1]["val_bpb"] for r in runs[:2])  # the baseline's worst final
+    assert baseline["reached"] == 2 and baseline["tokens_ratio"] == 1.0 and baseline["bpb_gain"] == 0
+    assert 0 < saved["summary"][1]["opt_step_share"] < 1
+    assert (tmp_path / "time_to_loss.png").stat().st_size > 10_000
+    partial = json.loads((tmp_path / "time_to_loss.partial.json").read_text())  # written at every eval round
+    assert partial["partial"] and [e["step"] for e in partial["runs"][0]["evals"]] == [0, 2, 4]
+    assert "time to val bits/byte" in capsys.readouterr().out
+    assert bench.main(["--plot-only", "--no-plot", "--out", str(tmp_path)]) == 0
