@@ -104,7 +104,7 @@ class Task(ABC):
         ``batch`` is already on the model's device. Run the forward under
         ``train.device.autocast(device, precision)`` and the loss itself in fp32. The trainer
         compiles this function whole (``train.compile``): no host reads (``.item()``, ``float()``,
-        ``if tensor``) and no data-dependent shapes in it (tests/test_compile.py counts graph breaks).
+        ``if tensor``) and no data-dependent shapes in it (tests/train/test_compile.py counts graph breaks).
         """
 
     def describe_batch(self, batch: Batch) -> str:

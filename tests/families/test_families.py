@@ -22,7 +22,7 @@ from scratchlab.runs.metrics import read_metrics
 from scratchlab.sample import sample_run
 from scratchlab.train import train
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "families.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "families.md"
 
 
 def example_family() -> types.ModuleType:

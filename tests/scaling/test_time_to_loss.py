@@ -14,7 +14,7 @@ from scratchlab.errors import UserError
 
 
 def _benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_loss.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "time_to_loss.py"
     spec = importlib.util.spec_from_file_location("time_to_loss", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
