@@ -126,8 +126,9 @@ def test_a_second_writer_is_refused_and_a_killed_run_is_shown_as_killed(data_dir
         run = next(out.iterdir())
         assert lock_holder(run)["pid"] == proc.pid
         assert [s.status for s in scan_runs(out)] == ["running"]
+        # What the live process itself keeps writing (checkpoints, rows, log, status, monitor findings) is left out.
         before = {k: v for k, v in snapshot(run).items() if not k.startswith(("checkpoints", "metrics", "train.log",
-                                                                                 "status"))}
+                                                                                 "status", "findings"))}
         code, _, err = cli("train", "--resume", str(run))
         assert code == 2 and len(errors_of(err)) == 1
         assert f"pid {proc.pid}" in err and "being trained by" in err
