@@ -132,3 +132,30 @@ def record_runs(tmp_path_factory, data_dir) -> dict[str, Path]:
         }
     finally:
         torch.set_num_threads(threads)
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def copy_cut_after(run: Path, to: Path, checkpoint: str = "step_000004") -> Path:
+    """A copy of ``run`` as if it had been killed right after ``checkpoint``: the later checkpoints and best dropped."""
+    import shutil
+
+    from scratchlab.runs.checkpoint import step_checkpoints
+
+    shutil.copytree(run, to)
+    for ckpt in step_checkpoints(to / "checkpoints"):
+        if ckpt.name != checkpoint:
+            shutil.rmtree(ckpt)
+    shutil.rmtree(to / "checkpoints" / "best")
+    return to

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
@@ -14,12 +11,9 @@ from scratchlab.errors import UserError
 
 
 def _benchmark():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "time_to_loss.py"
-    spec = importlib.util.spec_from_file_location("time_to_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_benchmark
+
+    return load_benchmark("time_to_loss")
 
 
 def test_recipes_are_names_with_presets_and_overrides():

@@ -135,16 +135,9 @@ def test_compiled_training_matches_eager(data_dir, tmp_path):
 
 
 def _benchmark():
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from conftest import load_benchmark
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("train_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_throughput")
 
 
 def test_gpu_124m_benchmark_is_a_124m_model_at_seq_1024_bf16_compiled(monkeypatch):

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet, tiny_overrides
+from conftest import copy_cut_after, quiet, tiny_overrides
 from safetensors.torch import load_file
 
 from scratchlab.config import load_config
@@ -18,7 +17,7 @@ from scratchlab.errors import UserError
 from scratchlab.families.codec.data import write_synthetic_codes
 from scratchlab.families.registry import build_model
 from scratchlab.layers.blocks import ReLU2FFN
-from scratchlab.runs.checkpoint import latest_checkpoint, load_trainer_state, step_checkpoints
+from scratchlab.runs.checkpoint import latest_checkpoint, load_trainer_state
 from scratchlab.runs.metrics import read_metrics
 from scratchlab.train import train
 from scratchlab.train.optim import (
@@ -158,12 +157,7 @@ def test_tiny_lm_trains_with_muon_and_resumes_bit_exactly(data_dir, tmp_path):
                                train__keep_last=3), console=quiet()).run_dir
     loss = losses(straight)
     assert all(math.isfinite(x) for x in loss) and sum(loss[-3:]) < sum(loss[:3]) - 0.4  # measured: 17.94 -> 17.27
-    cut = tmp_path / "cut"
-    shutil.copytree(straight, cut)
-    for ckpt in step_checkpoints(cut / "checkpoints"):
-        if ckpt.name != "step_000004":
-            shutil.rmtree(ckpt)
-    shutil.rmtree(cut / "checkpoints" / "best")
+    cut = copy_cut_after(straight, tmp_path / "cut", "step_000004")
     assert train(resume=cut, console=quiet()).step == 12
     assert losses(cut) == losses(straight) and losses(cut, "val_loss") == losses(straight, "val_loss")
     a = load_file(straight / "checkpoints" / "step_000012" / "model.safetensors")

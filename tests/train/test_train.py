@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
-from conftest import quiet, run_tiny, tiny_overrides
+from conftest import copy_cut_after, quiet, run_tiny, tiny_overrides
 from safetensors.torch import load_file
 
 import scratchlab.runs.checkpoint as checkpoint_mod
@@ -80,12 +79,7 @@ def test_run_dir_and_metrics_contract(data_dir, tmp_path):
 def test_resume_is_bit_exact(data_dir, tmp_path):
     straight = run_tiny(data_dir, tmp_path / "a", train__max_steps=12, train__keep_last=3).run_dir
     # Simulate a run killed after its step-4 checkpoint: drop the later checkpoints.
-    cut = tmp_path / "cut"
-    shutil.copytree(straight, cut)
-    for ckpt in step_checkpoints(cut / "checkpoints"):
-        if ckpt.name != "step_000004":
-            shutil.rmtree(ckpt)
-    shutil.rmtree(cut / "checkpoints" / "best")
+    cut = copy_cut_after(straight, tmp_path / "cut", "step_000004")
     assert latest_checkpoint(cut / "checkpoints").name == "step_000004"
     resumed = train(resume=cut, console=quiet())
     assert resumed.step == 12
