@@ -69,10 +69,11 @@ def test_a_rank_builds_only_its_rows_and_the_data_position_of_the_whole_batch(da
     import scratchlab.families.lm.task as lm_task
 
     cut = []
-    real_windows, real_codes = lm_task.make_windows, codec_data.codes_window
+    real_windows, real_codes = lm_task.make_windows, codec_data.codes_windows
     monkeypatch.setattr(lm_task, "make_windows", lambda tokens, starts, *a: cut.extend([1] * len(starts)) or
                         real_windows(tokens, starts, *a))
-    monkeypatch.setattr(codec_data, "codes_window", lambda *a, **k: cut.append(1) or real_codes(*a, **k))
+    monkeypatch.setattr(codec_data, "codes_windows", lambda clips, *a, **k: cut.extend([1] * len(clips)) or
+                        real_codes(clips, *a, **k))
     real_stack = cascade_data.np.stack
     monkeypatch.setattr(cascade_data.np, "stack", lambda arrays, *a, **k: cut.extend([1] * len(arrays)) or
                         real_stack(arrays, *a, **k))

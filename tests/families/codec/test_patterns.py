@@ -8,7 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchlab.families.codec.patterns import IGNORE_INDEX, DelayPattern, SpecialIds, training_pair
+from scratchlab.families.codec.patterns import (
+    IGNORE_INDEX,
+    DelayPattern,
+    SpecialIds,
+    codes_window,
+    codes_windows,
+    training_pair,
+)
 
 SPECIAL = SpecialIds.for_codebook(100)
 B, P, E = 100, 101, 102  # BOS, PAD, EOS for a codebook of 100 entries
@@ -120,6 +127,40 @@ def test_apply_revert_are_exact_inverses(data, k, t, batch, eos):
             assert (col[:, d + t + 1 :] == P).all()
         else:
             assert (col == E).sum() == 0 and (col[:, d + t :] == P).all()
+
+
+def _window_by_definition(codes, start, window, pattern):
+    """One training window from the definitions: the delayed stream of the crop's context (``apply``, EOS
+    when the context reaches the clip's end), cut or PAD-ed to the fixed length, then ``training_pair``."""
+    seq_len = window + 1 + pattern.max_delay
+    n_frames = min(window, len(codes) - start)
+    context = codes[start : start + window + pattern.max_delay]
+    stream = pattern.apply(context, SPECIAL, eos=start + len(context) == len(codes))[:seq_len]
+    stream = np.concatenate([stream, np.full((seq_len - len(stream), pattern.n_codebooks), P)])
+    return training_pair(stream, SPECIAL, pattern, n_frames, eos=start + n_frames == len(codes))
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), k=st.integers(1, 9), window=st.integers(1, 24), batch=st.integers(1, 5))
+def test_batched_windows_equal_the_stream_definition(data, k, window, batch):
+    """`codes_windows` builds a batch by index arithmetic; each row must equal apply + training_pair of its crop
+    (mid-clip crops, crops reaching the end, clips shorter than the window, empty clips)."""
+    pattern = DelayPattern(data.draw(st.lists(st.integers(0, 12), min_size=k, max_size=k)))
+    rng = np.random.default_rng(window * 7 + k)
+    clips, starts = [], []
+    for _ in range(batch):
+        length = data.draw(st.integers(0, 3 * window + 20))
+        clips.append(rng.integers(0, 100, (length, k)).astype(np.int16))
+        starts.append(data.draw(st.integers(0, max(length - window, 0))))
+    input_ids, labels = codes_windows(clips, starts, window, pattern, SPECIAL)
+    assert input_ids.shape == labels.shape == (batch, window + 1 + pattern.max_delay, k)
+    assert input_ids.dtype == labels.dtype == torch.long and input_ids.is_contiguous()
+    for b in range(batch):
+        want_x, want_y = _window_by_definition(clips[b], starts[b], window, pattern)
+        np.testing.assert_array_equal(input_ids[b].numpy(), want_x)
+        np.testing.assert_array_equal(labels[b].numpy(), want_y)
+        one_x, one_y = codes_window(clips[b], starts[b], window, pattern, SPECIAL)
+        assert torch.equal(one_x, input_ids[b]) and torch.equal(one_y, labels[b])
 
 
 @settings(max_examples=60, deadline=None)

@@ -41,13 +41,12 @@ def condition_ids(text: str, tags: Sequence[str] = (), max_text_bytes: int = DEF
 
 def collate_conditions(conditions: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cond_ids Long [B, C], cond_mask Bool [B, C])``, padded with COND_PAD to the longest; True = real."""
-    width = max((len(c) for c in conditions), default=1)
-    ids = torch.full((len(conditions), width), COND_PAD, dtype=torch.long)
-    mask = torch.zeros((len(conditions), width), dtype=torch.bool)
-    for i, c in enumerate(conditions):
-        ids[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
-        mask[i, : len(c)] = True
-    return ids, mask
+    lengths = [len(c) for c in conditions]
+    width = max(lengths, default=1)
+    # one tensor from padded lists (a per-row tensor costs more than the rows themselves)
+    ids = torch.tensor([[*c, *[COND_PAD] * (width - len(c))] for c in conditions], dtype=torch.long)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths, dtype=torch.long)[:, None]
+    return ids.view(len(conditions), width), mask
 
 
 def unconditional_ids() -> list[int]:

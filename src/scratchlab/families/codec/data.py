@@ -42,7 +42,7 @@ from scratchlab.families.codec.conditioning import (
     condition_text,
     unconditional_ids,
 )
-from scratchlab.families.codec.patterns import DelayPattern, SpecialIds, codes_window
+from scratchlab.families.codec.patterns import DelayPattern, SpecialIds, codes_window, codes_windows
 
 SUMMARY = "summary.json"
 CODEC_INFO = "codec.json"
@@ -520,7 +520,7 @@ class CodesData:
             raise UserError(f"the {split} split of {self.summary.path} has no clips; "
                             "add clips or change the val fraction")
         n = len(ids)
-        inputs, labels, conds = [], [], []
+        clips, starts, conds = [], [], []
         if mode == "random":
             if generator is None:
                 raise ValueError("random batches need a torch.Generator (its state is the data position)")
@@ -532,10 +532,9 @@ class CodesData:
                 order = torch.randperm(len(clip_tags), generator=generator).tolist()
                 if row not in kept:  # drawn (the data position), not built
                     continue
-                x, y = codes_window(self.store.codes(ids[p]), start, window, pattern, self.special)
+                clips.append(self.store.codes(ids[p]))
+                starts.append(start)
                 tags = [clip_tags[j] for j in order] if shuffle_tags else list(clip_tags)
-                inputs.append(x)
-                labels.append(y)
                 conds.append(condition_ids(text, tags, max_text_bytes))
             drop = (torch.rand(batch_size, generator=generator) < uncond_prob).tolist()
             conds = [unconditional_ids() if d else c for c, d in zip(conds, [drop[r] for r in kept])]
@@ -543,17 +542,15 @@ class CodesData:
             for i in range(batch_size):
                 g = batch_index * batch_size + i
                 c = ids[g % n]
-                start = clip_window_start(int(self.store.lengths[c]), window, "fixed", index=g % n + g // n)
-                x, y = codes_window(self.store.codes(c), start, window, pattern, self.special)
-                inputs.append(x)
-                labels.append(y)
+                clips.append(self.store.codes(c))
+                starts.append(clip_window_start(int(self.store.lengths[c]), window, "fixed", index=g % n + g // n))
                 text, tags = self.store.text_tags(c)
                 conds.append(condition_ids(text, tags, max_text_bytes))
         else:
             raise ValueError(f"unknown window mode {mode!r}; use 'random' or 'fixed'")
+        input_ids, labels = codes_windows(clips, starts, window, pattern, self.special)
         cond_ids, cond_mask = collate_conditions(conds)
-        return {"input_ids": torch.stack(inputs), "labels": torch.stack(labels),
-                "cond_ids": cond_ids, "cond_mask": cond_mask}
+        return {"input_ids": input_ids, "labels": labels, "cond_ids": cond_ids, "cond_mask": cond_mask}
 
 
 def open_codes_data(

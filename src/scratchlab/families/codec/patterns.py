@@ -26,6 +26,8 @@ PAD = codebook_size + 1, EOS = codebook_size + 2; heads predict ``codebook_size 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -305,17 +307,62 @@ def codes_window(
     end, the staggered EOS. Frames after a mid-clip crop stay in the stream as context only
     (labels -100), so the inputs look as they will when sampling a longer piece; a shorter stream
     (short clip, or a crop near the end) is padded with PAD (labels -100) to the fixed length.
+    One window of `codes_windows` (the batched form training uses).
     """
-    length = int(codes.shape[0])
-    n_frames = min(window, length - start)
-    if n_frames < 0 or start < 0:
-        raise ValueError(f"crop start {start} outside a clip of {length} frames")
+    input_ids, labels = codes_windows([codes], [start], window, pattern, special)
+    return input_ids[0], labels[0]
+
+
+def codes_windows(
+    clips: Sequence[np.ndarray], starts: Sequence[int], window: int, pattern: DelayPattern, special: SpecialIds
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)`` ``[B, window + 1 + max_delay, K]`` int64: the crop of ``clips[b]`` at ``starts[b]``.
+
+    The same stream as ``training_pair(apply(context), ...)`` per window (tests hold them equal), built
+    for the whole batch at once: each crop is read once into a row of frames (BOS, its frames, EOS
+    when the crop reaches the clip's end, then PAD) and a row of targets (IGNORE, the crop's target
+    frames and EOS, then IGNORE); every stream position is one fixed index into those rows (codebook
+    ``k`` shifted by its delay), so the batch is two ``index_select`` calls. ``clips`` may be
+    memory-map views: only the crop is read.
+    """
+    batch, n_codebooks = len(clips), pattern.n_codebooks
+    context = window + pattern.max_delay  # frames a window's stream can show
+    width = context + 2  # row slots: BOS / IGNORE, the context frames, EOS
+    frames = np.full((batch, width, n_codebooks), special.pad, dtype=np.int64)
+    targets = np.full((batch, width, n_codebooks), IGNORE_INDEX, dtype=np.int64)
+    frames[:, 0] = special.bos
+    for b, (codes, start) in enumerate(zip(clips, starts)):
+        length, start = int(codes.shape[0]), int(start)
+        n_frames = min(window, length - start)
+        if n_frames < 0 or start < 0:
+            raise ValueError(f"crop start {start} outside a clip of {length} frames")
+        if codes.shape[1] != n_codebooks:
+            raise ValueError(f"a clip has {codes.shape[1]} codebooks, the pattern {n_codebooks}")
+        crop = codes[start : start + context]
+        frames[b, 1 : 1 + len(crop)] = crop
+        targets[b, 1 : 1 + n_frames] = frames[b, 1 : 1 + n_frames]
+        if start + len(crop) == length:  # the stream shows the clip's end: EOS follows its last frame
+            frames[b, 1 + len(crop)] = special.eos
+        if start + n_frames == length:  # ...and it is a target when the crop itself reaches the end
+            targets[b, 1 + n_frames] = special.eos
+    input_index, label_index = _window_index(window, pattern.delays)
+    flat_frames = torch.from_numpy(frames).view(batch, -1)
+    flat_targets = torch.from_numpy(targets).view(batch, -1)
     seq_len = window + 1 + pattern.max_delay
-    context = np.asarray(codes[start : start + window + pattern.max_delay])
-    reaches_end = start + len(context) == length
-    stream = torch.from_numpy(pattern.apply(context, special, eos=reaches_end))[:seq_len]
-    if len(stream) < seq_len:
-        tail = torch.full((seq_len - len(stream), pattern.n_codebooks), special.pad, dtype=torch.long)
-        stream = torch.cat([stream, tail])
-    input_ids, labels = training_pair(stream, special, pattern, n_frames, eos=start + n_frames == length)
-    return input_ids, labels
+    return (flat_frames.index_select(1, input_index).view(batch, seq_len, n_codebooks),
+            flat_targets.index_select(1, label_index).view(batch, seq_len, n_codebooks))
+
+
+@functools.lru_cache(maxsize=16)
+def _window_index(window: int, delays: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into `codes_windows`' rows (slot ``s``, codebook ``k`` -> ``s * K + k``).
+
+    The stream at step ``t`` shows frame ``t - d_k`` (slot ``t - d_k + 1``; slot 0 before the start);
+    inputs are the stream one step late (slot ``t - d_k``), labels the stream itself.
+    """
+    seq_len = window + 1 + max(delays)
+    k = np.arange(len(delays))
+    slot = np.arange(seq_len)[:, None] - np.asarray(delays)[None, :]  # [L, K]: t - d_k
+    inputs = np.maximum(slot, 0) * len(delays) + k
+    labels = np.maximum(slot + 1, 0) * len(delays) + k
+    return torch.from_numpy(inputs.reshape(-1)), torch.from_numpy(labels.reshape(-1))
