@@ -140,6 +140,19 @@ def test_clip_saturated_moderate_suggests_raising_the_threshold():
     assert f"raise train.clip.max_norm towards {f.evidence['suggested_threshold']:.3g}" in f.message
 
 
+def test_clip_saturated_under_muon_names_the_matrices_lr():
+    """Under Muon the logged lr is AdamW's (embeddings, norms): the advice names optim.muon_lr, quoting no value."""
+    cfg = build_config({"optim": {"name": "muon"}})
+    rows = simulate(1000, grad_norm=lambda s, r: 400 * r.lognormvariate(0, 0.1), threshold=5.0, lr=3e-3)
+    [f] = check_metrics(rows, MonitorConfig.from_config(cfg, warmup_steps=100))
+    assert "is likely too high; lower optim.muon_lr before raising the clip" in f.message
+    assert "(0.003)" not in f.message and "optim.lr" not in f.message
+    [f] = check_metrics(simulate(600, grad_norm=lambda s, r: 1.2 + 0.3 * r.random() if r.random() < 0.7 else 0.6),
+                        MonitorConfig.from_config(cfg, warmup_steps=100))
+    assert f.message.endswith(f"lower optim.muon_lr or raise train.clip.max_norm towards "
+                              f"{f.evidence['suggested_threshold']:.3g} (p90 of the pre-clip norms)")
+
+
 def test_clip_saturated_once_per_episode():
     saturated = lambda s, r: 3.0 if 100 < s <= 600 or 1200 < s <= 1800 else 0.5  # noqa: E731
     rows = simulate(2400, grad_norm=saturated)

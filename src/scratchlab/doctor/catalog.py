@@ -58,7 +58,8 @@ register("check_failed", "info", "A check could not run on this model",
 # ---------------------------------------------------------------- in-loop monitors
 register("clip_saturated", "warning", "Gradient clipping fires on most steps",
          "The learning rate is too high or the clip threshold too low: the run trains at the clip, not at the LR.",
-         "Lower optim.lr, or raise train.clip.max_norm towards the p90 of unclipped norms given in the evidence.")
+         "Lower the hidden matrices' LR (optim.lr; optim.muon_lr under Muon), or raise train.clip.max_norm "
+         "towards the p90 of unclipped norms given in the evidence.")
 register("loss_spike", "warning", "Training loss spiked",
          "A bad batch, an LR too high for this stage, or an unstable parameter.",
          "Check the step's data; lower the LR or add warmup; watch grad_norm around the step.")

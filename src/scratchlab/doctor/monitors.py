@@ -91,7 +91,8 @@ class MonitorConfig:
     update_ratio_low: float = 1e-5
     update_ratio_lr_frac: float = 0.1
     update_ratio_rows: int = 3
-    update_ratio_lr_key: str = "optim.lr"  # the config field the advice names (the matrices' LR)
+    # the config field advice names as "the learning rate" (the hidden matrices' LR: optim.muon_lr under Muon)
+    matrix_lr_key: str = "optim.lr"
     # moe_imbalance: the busiest expert's share of routed tokens over its fair share (1/n_experts),
     # worst layer, above moe_load_ratio on moe_rows logged rows in a row after the warmup. Rows
     # carry it only for models that report their load (a `moe_load()` method, see the trainer).
@@ -128,7 +129,7 @@ def run_warmup(cfg: Config) -> int:
 # the tiny-lm preset with muon (muon_lr 0.02) measured 0.054 at the end of warmup, falling to 0.02 by step 60
 # (AdamW: 0.026); 30x that LR gives ~1. The high bound sits ~5x above the healthy peak.
 UPDATE_RATIO_BY_OPTIMIZER: dict[str, dict[str, Any]] = {
-    "muon": {"update_ratio_high": 0.25, "update_ratio_lr_key": "optim.muon_lr"},
+    "muon": {"update_ratio_high": 0.25, "matrix_lr_key": "optim.muon_lr"},
 }
 
 
@@ -300,12 +301,14 @@ class ClipSaturated(Monitor):
         # Pre-clip norms: a threshold at their p90 clips about one step in ten.
         suggested = quantile(norms, 0.9) if norms else math.nan
         lr = num(row, "lr")
+        # The logged lr is optim.lr's schedule: quote it only when that is the matrices' LR (not under Muon).
+        key, lr_text = c.matrix_lr_key, _lr_text(lr) if c.matrix_lr_key == "optim.lr" else ""
         times = median_norm / threshold if threshold > 0 else math.inf
         if times >= c.clip_lr_factor:
-            advice = (f"norms {times:.0f}x the threshold: the learning rate{_lr_text(lr)} is likely too high; "
-                      "lower optim.lr before raising the clip")
+            advice = (f"norms {times:.0f}x the threshold: the learning rate{lr_text} is likely too high; "
+                      f"lower {key} before raising the clip")
         else:
-            advice = (f"lower optim.lr{_lr_text(lr)} or raise train.clip.max_norm towards {suggested:.3g} "
+            advice = (f"lower {key}{lr_text} or raise train.clip.max_norm towards {suggested:.3g} "
                       "(p90 of the pre-clip norms)")
         return make_finding(
             "clip_saturated",
@@ -401,7 +404,7 @@ class UpdateRatio(Monitor):
         high = side > 0
         bound = c.update_ratio_high if high else c.update_ratio_low
         vectors = num(row, "update_ratio_vectors")
-        key = c.update_ratio_lr_key  # the LR of the weight matrices: optim.lr, or optim.muon_lr under Muon
+        key = c.matrix_lr_key
         advice = (f"the weights move too fast: lower {key}" if high
                   else f"the weights barely move: raise {key} (or check that the optimizer sees these parameters)")
         return make_finding(
