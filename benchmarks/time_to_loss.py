@@ -26,7 +26,11 @@ Reported, per recipe (mean over seeds, and the spread):
   "-" too). Wall s is the run's own training-step time (evals excluded), summed. The target defaults
   to the baseline's final val bits/byte (its worst seed, so that every baseline seed reaches it): "how
   soon does each recipe reach where the baseline ends".
-- **val bpb at equal tokens**: at the end (every recipe trained the same tokens), and at the halfway eval.
+- **val bpb at equal tokens**: at the smallest training budget of the race (the end, when every recipe
+  trains the same tokens) and at half of it, interpolated between evals. Recipes may train different
+  budgets (``train.max_steps=300`` in one recipe): each follows its own schedule and stops at its own
+  end, so "equal tokens" compares a short recipe at its end with a longer one part way through its
+  schedule (what a user choosing between the two presets gets for that many tokens).
 - **opt step %**: the optimizer step's share of the training-step time (Muon's Newton-Schulz
   included), median over steps.
 
@@ -179,6 +183,16 @@ def crossing(evals: list[dict], target: float) -> dict | None:
     return None
 
 
+def bpb_at(evals: list[dict], tokens: float) -> float | None:
+    """Val bits/byte after ``tokens`` training tokens, interpolated between the evals around it."""
+    for before, after in zip(evals, evals[1:]):
+        if before["tokens"] <= tokens <= after["tokens"]:
+            span = after["tokens"] - before["tokens"]
+            frac = (tokens - before["tokens"]) / span if span else 1.0
+            return before["val_bpb"] + frac * (after["val_bpb"] - before["val_bpb"])
+    return evals[0]["val_bpb"] if evals and evals[0]["tokens"] == tokens else None
+
+
 def _mean(values: list[float | None]) -> float | None:
     return None if not values or any(v is None for v in values) else statistics.fmean(values)
 
@@ -186,14 +200,12 @@ def _mean(values: list[float | None]) -> float | None:
 def summarize(records: list[RunRecord], target: float) -> list[dict]:
     """One row per recipe (in first-seen order): means over seeds."""
     names = list(dict.fromkeys(r.recipe for r in records))
+    equal_tokens = min(r.evals[-1]["tokens"] for r in records)  # the smallest budget: every run has trained it
     rows = []
     for name in names:
         runs = [r for r in records if r.recipe == name]
         hits = [crossing(r.evals, target) for r in runs]
         finals = [r.evals[-1]["val_bpb"] for r in runs]
-        last = runs[0].evals[-1]["step"]
-        mid_step = min((e["step"] for e in runs[0].evals[1:-1]), key=lambda s: abs(s - last / 2), default=None)
-        mids = [next((e["val_bpb"] for e in r.evals if e["step"] == mid_step), None) for r in runs]
         opt_share = [statistics.median(o / s for o, s in zip(r.opt_s, r.step_s)) for r in runs]
         rows.append({
             "recipe": name, "seeds": [r.seed for r in runs], "reached": sum(h is not None for h in hits),
@@ -202,35 +214,38 @@ def summarize(records: list[RunRecord], target: float) -> list[dict]:
             "wall_s_to_target": _mean([h and h["wall_s"] for h in hits]),
             "final_tokens": runs[0].evals[-1]["tokens"], "final_bpb": statistics.fmean(finals),
             "final_bpb_spread": (min(finals), max(finals)),
-            "mid_tokens": None if mid_step is None else mid_step * runs[0].tokens_per_step,
-            "mid_bpb": _mean(mids), "opt_step_share": statistics.fmean(opt_share),
+            "equal_tokens": equal_tokens, "equal_bpb": _mean([bpb_at(r.evals, equal_tokens) for r in runs]),
+            "mid_tokens": equal_tokens / 2, "mid_bpb": _mean([bpb_at(r.evals, equal_tokens / 2) for r in runs]),
+            "opt_step_share": statistics.fmean(opt_share),
             "step_s": statistics.fmean(statistics.median(r.step_s) for r in runs),
         })
     base = rows[0]
     for row in rows:
         row["tokens_ratio"] = (row["tokens_to_target"] / base["tokens_to_target"]
                                if row["tokens_to_target"] and base["tokens_to_target"] else None)
-        row["bpb_gain"] = base["final_bpb"] - row["final_bpb"]
+        row["bpb_gain"] = base["equal_bpb"] - row["equal_bpb"]  # at equal tokens (the smallest budget)
     return rows
 
 
 def print_table(console: Console, rows: list[dict], target: float) -> None:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     table = Table(title=f"time to val bits/byte <= {target:.4f} (mean over seeds; first recipe = baseline)")
-    for col in ("recipe", "reached", "tokens to target", "x base", "steps", "wall s",
-                "final bpb (min-max)", "gain", "bpb @ half", "opt step %", "step s"):
+    for col in ("recipe", "reached", "tokens to target", "x base", "steps", "wall s", "trained tokens",
+                "final bpb (min-max)", "bpb @ equal", "gain", "bpb @ half", "opt step %", "step s"):
         table.add_column(col, justify="left" if col == "recipe" else "right")
     for r in rows:
         lo, hi = r["final_bpb_spread"]
         table.add_row(
             r["recipe"], f"{r['reached']}/{len(r['seeds'])}", fmt(r["tokens_to_target"], ",.0f"),
             fmt(r["tokens_ratio"], ".2f"), fmt(r["steps_to_target"], ".0f"), fmt(r["wall_s_to_target"], ".1f"),
-            f"{r['final_bpb']:.4f} ({lo:.3f}-{hi:.3f})", f"{r['bpb_gain']:+.4f}",
-            fmt(r["mid_bpb"], ".4f"), f"{100 * r['opt_step_share']:.1f}", f"{r['step_s']:.3f}",
+            f"{r['final_tokens']:,}", f"{r['final_bpb']:.4f} ({lo:.3f}-{hi:.3f})", fmt(r["equal_bpb"], ".4f"),
+            fmt(r["bpb_gain"], "+.4f"), fmt(r["mid_bpb"], ".4f"), f"{100 * r['opt_step_share']:.1f}",
+            f"{r['step_s']:.3f}",
         )
     console.print(table)
-    console.print(f"final = after {rows[0]['final_tokens']:,} tokens; half = after {fmt(rows[0]['mid_tokens'], ',')} "
-                  "tokens; wall s = the run's own training-step time (interleaved runs, evals excluded)")
+    console.print(f"equal = after {rows[0]['equal_tokens']:,} tokens (the smallest budget); half = after "
+                  f"{rows[0]['mid_tokens']:,.0f} tokens; gain = the baseline's bpb @ equal minus the recipe's; "
+                  "wall s = the run's own training-step time (interleaved runs, evals excluded)")
 
 
 def plot(records: list[RunRecord], target: float, path: Path) -> None:
@@ -284,21 +299,22 @@ def race(args: argparse.Namespace, console: Console) -> list[RunRecord]:
         for i in range(args.seeds):
             racers.append(Racer(name, cfg, task, cfg.train.seed + i))
         console.print(f"{name}: {base} {' '.join(overrides)}", style="cyan")
-    max_steps = {r.cfg.train.max_steps for r in racers}
-    if len(max_steps) != 1:
-        raise UserError(f"recipes train different numbers of steps {sorted(max_steps)}; race equal budgets")
-    steps = max_steps.pop()
+    steps = max(r.cfg.train.max_steps for r in racers)
     started = time.perf_counter()
     for racer in racers:  # the starting point: every curve (and the first crossing) begins at step 0
         racer.evaluate()
     for step in range(1, steps + 1):
-        for racer in racers:  # round-robin: one step each, so machine noise hits every run alike
+        # round-robin: one step each, so machine noise hits every run alike; a shorter budget stops at its end
+        running = [r for r in racers if r.step < r.cfg.train.max_steps]
+        for racer in running:
             racer.train_step()
-        if step % args.eval_every == 0 or step == steps:
-            for racer in racers:
-                racer.evaluate()
+        evaluated = [r for r in running if step % args.eval_every == 0 or step == r.cfg.train.max_steps]
+        for racer in evaluated:
+            racer.evaluate()
+        if evaluated:
             save_partial(args.out / "time_to_loss.partial.json", [r.record for r in racers])
-            line = "  ".join(f"{r.record.recipe}/{r.record.seed} {r.record.evals[-1]['val_bpb']:.4f}" for r in racers)
+            line = "  ".join(f"{r.record.recipe}/{r.record.seed} {r.record.evals[-1]['val_bpb']:.4f}"
+                             for r in evaluated)
             console.print(f"step {step}/{steps} ({time.perf_counter() - started:.0f} s): val bpb {line}")
     return [r.record for r in racers]
 
@@ -311,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every recipe")
     p.add_argument("--seeds", type=int, default=2, help="seeds per recipe (train.seed, +1, ...); default 2")
     p.add_argument("--max-steps", "--steps", dest="max_steps", type=int, default=0,
-                   help="train.max_steps of every recipe (the schedule follows it); default: the preset's")
+                   help="train.max_steps of every recipe (the schedule follows it; a recipe's own "
+                        "train.max_steps wins); default: the preset's")
     p.add_argument("--eval-every", type=int, default=50, help="steps between evals (default 50)")
     p.add_argument("--target", type=float, default=None,
                    help="val bits/byte to reach (default: the baseline's final val bits/byte, worst seed)")

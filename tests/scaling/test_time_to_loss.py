@@ -54,3 +54,32 @@ def test_a_tiny_race_writes_table_json_and_plot(data_dir, tmp_path, capsys):
     assert partial["partial"] and [e["step"] for e in partial["runs"][0]["evals"]] == [0, 2, 4]
     assert "time to val bits/byte" in capsys.readouterr().out
     assert bench.main(["--plot-only", "--no-plot", "--out", str(tmp_path)]) == 0
+
+
+def test_recipes_with_different_budgets_are_compared_at_equal_tokens(data_dir, tmp_path):
+    """A recipe may train fewer steps (its own schedule); the gain is read at the smallest budget, interpolated."""
+    bench = _benchmark()
+    common = [f"--set={o}" for o in tiny_overrides(data_dir, tmp_path / "runs", train__threads=1)]
+    code = bench.main([*common, "--max-steps", "6", "--eval-every", "4", "--seeds", "1", "--out", str(tmp_path),
+                       "--no-plot", "--recipe", "long=", "--recipe", "short=train.max_steps=3"])
+    assert code == 0
+    saved = json.loads((tmp_path / "time_to_loss.json").read_text())
+    long, short = saved["runs"]
+    assert [e["step"] for e in long["evals"]] == [0, 4, 6] and len(long["step_s"]) == 6
+    assert [e["step"] for e in short["evals"]] == [0, 3] and len(short["step_s"]) == 3
+    per_step = long["tokens_per_step"]
+    row_long, row_short = saved["summary"]
+    assert row_long["equal_tokens"] == row_short["equal_tokens"] == 3 * per_step
+    b0, b4 = long["evals"][0]["val_bpb"], long["evals"][1]["val_bpb"]
+    assert row_long["equal_bpb"] == pytest.approx(b0 + 0.75 * (b4 - b0))  # 3 of the 4 steps between its evals
+    assert row_short["equal_bpb"] == pytest.approx(short["evals"][-1]["val_bpb"])
+    assert row_short["bpb_gain"] == pytest.approx(row_long["equal_bpb"] - row_short["equal_bpb"])
+    assert row_long["final_tokens"] == 6 * per_step and row_short["final_tokens"] == 3 * per_step
+
+
+def test_bpb_at_interpolates_and_refuses_outside_the_curve():
+    bench = _benchmark()
+    evals = [{"tokens": t, "val_bpb": b} for t, b in [(0, 4.0), (100, 3.0), (200, 2.0)]]
+    assert bench.bpb_at(evals, 150) == pytest.approx(2.5)
+    assert bench.bpb_at(evals, 0) == 4.0 and bench.bpb_at(evals, 200) == 2.0
+    assert bench.bpb_at(evals, 250) is None
