@@ -65,3 +65,26 @@ def test_an_unregistered_family_is_one_line(tmp_path, capsys):
     assert main(["train", "model.family=count", f"train.out_dir={tmp_path}"]) == 2
     assert capsys.readouterr().err == "error: unknown model.family 'count'; known: cascade, codec_lm, lm\n"
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family, preset, sizes", [
+    ("codec", "dia-tiny", ["model.codec.n_codebooks=4", "model.codec.codebook_size=16"]),
+    ("cascade", "cascade-tiny", ["model.cascade.n_features=8"]),
+])
+@pytest.mark.parametrize("switch", ["model.value_embed=true", "model.moe.n_routed_experts=4", "model.attention=mla"])
+def test_lm_only_block_switches_are_refused_by_the_other_families(family, preset, sizes, switch):
+    """A switch the family's blocks cannot honour is one UserError naming it (was: ignored, or a ValueError traceback)."""
+    from scratchlab.errors import UserError
+
+    cfg = load_config(preset, [*sizes, switch])
+    with pytest.raises(UserError, match=f"the {family} family uses dense MHA/GQA blocks; {switch.split('=')[0]}"):
+        registry.build_model(cfg.model)
+    registry.build_model(load_config(preset, sizes).model)  # the control: the preset itself builds
+
+
+def test_lm_only_switch_on_a_codec_run_is_one_line_exit_2(tmp_path, capsys):
+    code = main(["train", "dia-tiny", "model.value_embed=true", "train.max_steps=1", f"train.out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error")] == [
+        "error: the codec family uses dense MHA/GQA blocks; model.value_embed is lm-only: remove it"]

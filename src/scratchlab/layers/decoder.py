@@ -10,9 +10,21 @@ import torch
 from torch import nn
 
 from scratchlab.config import ModelConfig
+from scratchlab.errors import UserError
 from scratchlab.layers.blocks import CausalSelfAttention, GeluFFN, KVCache, ReLU2FFN, RMSNorm, SwiGLU, ffn_hidden
 from scratchlab.layers.mla import LatentAttention
 from scratchlab.layers.moe import MoEFFN
+
+
+def require_dense_blocks(cfg: ModelConfig, family: str) -> None:
+    """One line naming the lm-only block switches a family built from dense MHA/GQA blocks cannot honour
+    (silently ignoring them would train another model than the config says)."""
+    lm_only = [name for name, on in (("model.moe.n_routed_experts", cfg.moe.n_routed_experts),
+                                     ("model.attention=mla", cfg.attention != "mha"),
+                                     ("model.value_embed", cfg.value_embed)) if on]
+    if lm_only:
+        raise UserError(f"the {family} family uses dense MHA/GQA blocks; {', '.join(lm_only)} "
+                        f"{'is' if len(lm_only) == 1 else 'are'} lm-only: remove {'it' if len(lm_only) == 1 else 'them'}")
 
 
 def make_attention(cfg: ModelConfig) -> nn.Module:

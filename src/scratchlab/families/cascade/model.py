@@ -30,7 +30,7 @@ from torch import nn
 
 from scratchlab.config import ModelConfig
 from scratchlab.layers.blocks import RMSNorm, rope_tables
-from scratchlab.layers.decoder import Block
+from scratchlab.layers.decoder import Block, require_dense_blocks
 from scratchlab.layers.init import init_weights
 
 EPS = 1e-8
@@ -92,8 +92,7 @@ class CascadeModel(nn.Module):
         c = cfg.cascade
         if c.n_features is None:
             raise ValueError("model.cascade.n_features must be set (the trainer fills it from the data)")
-        if cfg.attention != "mha" or cfg.moe.n_routed_experts:
-            raise ValueError("the cascade family uses dense MHA blocks: model.attention=mha, no model.moe")
+        require_dense_blocks(cfg, "cascade")
         self.cfg = cfg
         self.n_features = c.n_features
         self.horizon = c.segment_len if c.target == "next_segment" else 1

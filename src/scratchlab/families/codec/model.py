@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from scratchlab.config import ModelConfig
 from scratchlab.layers.blocks import KVCache, RMSNorm, SwiGLU, ffn_hidden, rope_tables
-from scratchlab.layers.decoder import Block
+from scratchlab.layers.decoder import Block, require_dense_blocks
 from scratchlab.layers.init import init_weights
 
 from scratchlab.families.codec.conditioning import COND_BOS, COND_VOCAB
@@ -109,8 +109,7 @@ class CodecLM(nn.Module):
         c = cfg.codec
         if c.n_codebooks is None or c.codebook_size is None:
             raise ValueError("model.codec.n_codebooks and codebook_size must be set (the trainer fills them from the data)")
-        if cfg.moe.n_routed_experts or cfg.attention != "mha":
-            raise ValueError("codec_lm supports dense MHA/GQA blocks only (model.moe and model.attention=mla are lm-only)")
+        require_dense_blocks(cfg, "codec")
         self.cfg = cfg
         self.n_codebooks, self.n_classes = c.n_codebooks, SpecialIds.for_codebook(c.codebook_size).n_classes
         d = cfg.d_model
