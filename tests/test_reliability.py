@@ -655,7 +655,7 @@ def _run_every_reader(run: Path, pristine: Path) -> None:
     try:
         with pytest.MonkeyPatch.context() as mp:
             # Speed only: no pip freeze / git per resume, no PNG rendering (the plot inputs are still computed).
-            mp.setattr("scratchlab.train.loop.environment", lambda device: {"device": device})
+            mp.setattr("scratchlab.train.run.environment", lambda device: {"device": device})
             mp.setattr("scratchlab.runs.report.line_plot", lambda lines, *a, **k: _check_series(lines))
             mp.setattr("scratchlab.runs.report.small_multiples", lambda panels, *a, **k: b"")
             if True:
