@@ -28,6 +28,8 @@ import torch
 from scratchlab.config import load_config
 from scratchlab.families.registry import build_model
 
+from scratchlab.doctor import leaks
+
 preflight = importlib.import_module("scratchlab.doctor.preflight")
 
 
@@ -39,16 +41,16 @@ def leak_verdict(device: str = "cuda", preset: str = "lm-mla-moe", seq: int = 10
     tokens = torch.randint(0, vocab, (4, seq + 1), device=device)
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
     probe = copy.deepcopy(model).float()
-    ids = batch["input_ids"][: preflight.PERTURB_SAMPLES]
-    for name, changes in (("causal", preflight._causal_changes(probe, ids)), ("batch", preflight._batch_changes(probe, ids))):
+    ids = batch["input_ids"][: leaks.PERTURB_SAMPLES]
+    for name, changes in (("causal", leaks.causal_changes(probe, ids)), ("batch", leaks.batch_changes(probe, ids))):
         rel = [c[-2] / c[-1] for c in changes]
-        print(f"fp32 {name} probe: {len(changes)} changes above {preflight.LEAK_RTOL:g} x max|logit|"
+        print(f"fp32 {name} probe: {len(changes)} changes above {leaks.LEAK_RTOL:g} x max|logit|"
               + (f", largest {max(rel):.3g} of max|logit|" if rel else ""))
     del probe
     findings = preflight.preflight(model, batch)
-    leaks = [f for f in findings if f.code in ("causal_leak", "batch_leak")]
+    leak_findings = [f for f in findings if f.code in ("causal_leak", "batch_leak")]
     errors = [f for f in findings if f.severity == "error"]
-    print(f"preflight: {len(errors)} errors; leak findings: {[str(f) for f in leaks] or 'none'}")
+    print(f"preflight: {len(errors)} errors; leak findings: {[str(f) for f in leak_findings] or 'none'}")
 
 
 def main() -> int:

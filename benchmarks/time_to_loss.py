@@ -33,6 +33,8 @@ Reported, per recipe (mean over seeds, and the spread):
   schedule (what a user choosing between the two presets gets for that many tokens).
 - **opt step %**: the optimizer step's share of the training-step time (Muon's Newton-Schulz
   included), median over steps.
+- **clipped %**: the share of steps after the warmups whose pre-clip grad norm was above the clip
+  threshold (the doctor's ``clip_saturated`` fires at 50 % over 100 steps).
 
 Writes ``OUT/time_to_loss.json`` (every eval of every run) and ``OUT/time_to_loss.png`` (val bits/byte
 against tokens, mean over seeds with the min-max band, the target as a line). ``--plot-only`` redraws
@@ -114,6 +116,8 @@ class RunRecord:
     evals: list[dict] = field(default_factory=list)  # {"step", "tokens", "wall_s", "val_loss", "val_bpb"}
     step_s: list[float] = field(default_factory=list)
     opt_s: list[float] = field(default_factory=list)
+    clipped: list[bool] = field(default_factory=list)  # per step: the pre-clip grad norm was above the threshold
+    warmup_steps: int = 0  # the clip and LR warmups (clipping is expected there)
 
 
 class Racer:
@@ -128,7 +132,8 @@ class Racer:
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
         self.gen = torch.Generator().manual_seed(seed)
         self.step = 0
-        self.record = RunRecord(recipe, seed, cfg.train.batch_size * cfg.train.grad_accum * task.tokens_per_sample)
+        self.record = RunRecord(recipe, seed, cfg.train.batch_size * cfg.train.grad_accum * task.tokens_per_sample,
+                                warmup_steps=max(cfg.optim.warmup_steps, cfg.train.clip.warmup_steps))
 
     def train_step(self) -> None:
         cfg = self.cfg
@@ -145,7 +150,9 @@ class Racer:
                 objective = objective + aux
             (objective / cfg.train.grad_accum).backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, clip_threshold_at(self.step, cfg.train.clip))
+        threshold = clip_threshold_at(self.step, cfg.train.clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, threshold)
+        self.record.clipped.append(bool(norm > threshold))  # a sync per step: fine for a CPU race
         opt_started = time.perf_counter()
         self.optimizer.step()
         if hasattr(self.model, "after_optimizer_step"):
@@ -217,6 +224,9 @@ def summarize(records: list[RunRecord], target: float) -> list[dict]:
             "equal_tokens": equal_tokens, "equal_bpb": _mean([bpb_at(r.evals, equal_tokens) for r in runs]),
             "mid_tokens": equal_tokens / 2, "mid_bpb": _mean([bpb_at(r.evals, equal_tokens / 2) for r in runs]),
             "opt_step_share": statistics.fmean(opt_share),
+            # the doctor's clip_saturated signal: the clipped share of the steps after the warmups
+            "clipped_share": _mean([statistics.fmean(r.clipped[r.warmup_steps:]) if r.clipped[r.warmup_steps:]
+                                    else None for r in runs]),
             "step_s": statistics.fmean(statistics.median(r.step_s) for r in runs),
         })
     base = rows[0]
@@ -231,7 +241,7 @@ def print_table(console: Console, rows: list[dict], target: float) -> None:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     table = Table(title=f"time to val bits/byte <= {target:.4f} (mean over seeds; first recipe = baseline)")
     for col in ("recipe", "reached", "tokens to target", "x base", "steps", "wall s", "trained tokens",
-                "final bpb (min-max)", "bpb @ equal", "gain", "bpb @ half", "opt step %", "step s"):
+                "final bpb (min-max)", "bpb @ equal", "gain", "bpb @ half", "clipped %", "opt step %", "step s"):
         table.add_column(col, justify="left" if col == "recipe" else "right")
     for r in rows:
         lo, hi = r["final_bpb_spread"]
@@ -239,12 +249,14 @@ def print_table(console: Console, rows: list[dict], target: float) -> None:
             r["recipe"], f"{r['reached']}/{len(r['seeds'])}", fmt(r["tokens_to_target"], ",.0f"),
             fmt(r["tokens_ratio"], ".2f"), fmt(r["steps_to_target"], ".0f"), fmt(r["wall_s_to_target"], ".1f"),
             f"{r['final_tokens']:,}", f"{r['final_bpb']:.4f} ({lo:.3f}-{hi:.3f})", fmt(r["equal_bpb"], ".4f"),
-            fmt(r["bpb_gain"], "+.4f"), fmt(r["mid_bpb"], ".4f"), f"{100 * r['opt_step_share']:.1f}",
+            fmt(r["bpb_gain"], "+.4f"), fmt(r["mid_bpb"], ".4f"),
+            fmt(r.get("clipped_share") and 100 * r["clipped_share"], ".0f"), f"{100 * r['opt_step_share']:.1f}",
             f"{r['step_s']:.3f}",
         )
     console.print(table)
     console.print(f"equal = after {rows[0]['equal_tokens']:,} tokens (the smallest budget); half = after "
                   f"{rows[0]['mid_tokens']:,.0f} tokens; gain = the baseline's bpb @ equal minus the recipe's; "
+                  "clipped % = steps after the warmups whose grad norm was clipped; "
                   "wall s = the run's own training-step time (interleaved runs, evals excluded)")
 
 

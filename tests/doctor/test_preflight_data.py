@@ -22,7 +22,7 @@ from scratchlab.families.registry import build_model
 
 V, T, B = 64, 32, 4
 DOCTOR = Path(__file__).resolve().parents[2] / "src" / "scratchlab" / "doctor"
-PREFLIGHT = (DOCTOR / "preflight.py", DOCTOR / "data_checks.py")  # the model and batch checks, the dataset's
+PREFLIGHT = (DOCTOR / "preflight.py", DOCTOR / "leaks.py", DOCTOR / "data_checks.py")  # model, batch, leak, dataset checks
 
 
 def lm() -> torch.nn.Module:

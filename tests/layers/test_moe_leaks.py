@@ -21,6 +21,7 @@ from scratchlab.families.registry import build_model
 from scratchlab.layers import moe as moe_module
 
 preflight = importlib.import_module("scratchlab.doctor.preflight")  # the module, not the function
+from scratchlab.doctor import leaks  # noqa: E402
 
 
 def shape_dependent_mm(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -59,8 +60,8 @@ def test_shape_dependent_numerics_are_not_a_leak(monkeypatch):
     model, ids = moe_lm(), batch()["input_ids"]
     # The mechanism is reproduced: measured in fp32 alone, both probes see changes above the tolerance
     # (this is what refused the model on the H200) ...
-    assert preflight._causal_changes(model, ids)
-    assert preflight._batch_changes(model, ids)
+    assert leaks.causal_changes(model, ids)
+    assert leaks.batch_changes(model, ids)
     # ... and the checks, which re-measure in float64, find nothing.
     assert preflight.check_causal_leak(model, batch()) == []
     assert preflight.check_batch_leak(model, batch()) == []
@@ -96,7 +97,7 @@ def test_capacity_dropping_is_a_declared_batch_dependency_a_warning_never_a_caus
     assert (found.evidence["changed_sample"], found.evidence["perturbed_sample"]) == (1, 0)  # later rows depend on earlier
     assert "capacity_factor=0.5" in found.message and found.evidence["declared_by"][0].endswith("ffn")
     with model.blocks[0].ffn.uncoupled(), model.blocks[1].ffn.uncoupled():
-        assert preflight._batch_changes(model, batch()["input_ids"]) == []  # no drops: no dependency
+        assert leaks.batch_changes(model, batch()["input_ids"]) == []  # no drops: no dependency
 
 
 def test_a_real_batch_leak_next_to_capacity_dropping_is_still_an_error(monkeypatch):

@@ -42,13 +42,16 @@ def test_a_tiny_race_writes_table_json_and_plot(data_dir, tmp_path, capsys):
     saved = json.loads((tmp_path / "time_to_loss.json").read_text())
     runs = saved["runs"]
     assert [(r["recipe"], r["seed"]) for r in runs] == [("adamw", 1337), ("adamw", 1338), ("muon", 1337), ("muon", 1338)]
-    assert all([e["step"] for e in r["evals"]] == [0, 2, 4] and len(r["step_s"]) == 4 for r in runs)
+    assert all([e["step"] for e in r["evals"]] == [0, 2, 4] and len(r["step_s"]) == len(r["clipped"]) == 4
+               for r in runs)
     # Same seed, same data order and (for equal shapes) same initial weights: equal step-0 evals.
     assert runs[0]["evals"][0]["val_bpb"] == pytest.approx(runs[2]["evals"][0]["val_bpb"], rel=0.05)
     baseline = saved["summary"][0]
     assert saved["target"] == max(r["evals"][-1]["val_bpb"] for r in runs[:2])  # the baseline's worst final
     assert baseline["reached"] == 2 and baseline["tokens_ratio"] == 1.0 and baseline["bpb_gain"] == 0
     assert 0 < saved["summary"][1]["opt_step_share"] < 1
+    # clipped %: over the steps after the warmups (none here: the tiny preset's warmup outlasts the race)
+    assert all(row["clipped_share"] is None for row in saved["summary"]) == (runs[0]["warmup_steps"] >= 4)
     assert (tmp_path / "time_to_loss.png").stat().st_size > 10_000
     partial = json.loads((tmp_path / "time_to_loss.partial.json").read_text())  # written at every eval round
     assert partial["partial"] and [e["step"] for e in partial["runs"][0]["evals"]] == [0, 2, 4]

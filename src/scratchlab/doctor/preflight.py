@@ -20,7 +20,9 @@ so preflight trains exactly what training trains. The default, `token_cross_entr
 cross-entropy of ``model(input_ids)`` over ``labels``. The leak checks perturb ``model(input_ids)``.
 
 Checks are units (`Check`: a name, a function of the `Subject`, what it needs); ``checks=`` picks and
-orders them (default `PREFLIGHT_CHECKS`, every one below). A family composes its list from these units
+orders them (default `PREFLIGHT_CHECKS`, every one below). The leak checks live in doctor/leaks.py, the
+dataset checks in doctor/data_checks.py, how a check runs a model (outputs, seeded forwards, RNG
+preservation) in doctor/forward.py; the batch and gradient checks and the units are here. A family composes its list from these units
 and its own (families/*/task.py ``preflight``; the cascade's in families/cascade/checks.py).
 
 Ground rules:
@@ -42,7 +44,7 @@ Checks and thresholds (why):
   among T) moves logits by ~5e-5 of their scale at T = 32. Kernels that pick their reduction order by
   shape break "exactly 0" (an MoE's expert matmuls change shape when one token's routing changes; on a
   GPU with TF32/bf16 kernels the difference is ~1e-3): a change found is therefore re-measured on a
-  float64 copy of the model (autocast off, `_confirmed`), where round-off is ~1e-16 and decides.
+  float64 copy of the model (autocast off, `leaks.confirmed`), where round-off is ~1e-16 and decides.
 - batch_leak: replace every token of sample 1 and compare sample 0's output, then the other way round
   (same tolerance, same float64 confirmation). A dependency that the model declares
   (a module with ``batch_coupling``, a reason, and ``uncoupled()``: MoE capacity dropping) and that
@@ -80,16 +82,13 @@ Checks and thresholds (why):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import random
 import statistics
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -102,14 +101,14 @@ from scratchlab.doctor.data_checks import (
     scan_dataset,
 )
 from scratchlab.doctor.findings import Finding, make_finding, sig
+from scratchlab.doctor.forward import LossFn, model_device, model_outputs, preserved_rng, seeded_loss
+from scratchlab.doctor.leaks import check_batch_leak, check_causal_leak
 from scratchlab.loss import IGNORE_INDEX, token_loss
 
 _sig = sig  # evidence numbers: a few significant digits (doctor.findings.sig)
 
-PERTURB_SAMPLES = 2  # samples used by the leak checks (one forward each per probe)
 GRAD_SAMPLES = 4  # samples used by the one-backward checks
 OVERFIT_SAMPLES = 4
-LEAK_RTOL = 1e-6  # a leak changes outputs by more than this x max|logit| (causal models: exactly 0)
 LABEL_OFFSETS = range(-4, 5)
 LABEL_MIN_TARGETS = 8  # fewer compared targets than this: no verdict on the label shift
 INIT_LOSS_MARGIN = (1.0, 0.5)  # loss > ln V + max(1, 0.5 ln V)
@@ -122,92 +121,6 @@ OVERFIT_TARGET = 0.5  # final loss must fall below this fraction of the starting
 # ---------------------------------------------------------------- helpers
 
 
-def _forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The model's logits for ``ids`` in fp32, unwrapping ``.logits`` / ``["logits"]`` / a tuple's first item."""
-    out = model(ids)
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, Mapping):
-        logits = out.get("logits")
-    if logits is None and isinstance(out, (tuple, list)) and out:
-        logits = out[0]
-    if logits is None:
-        logits = out
-    if not torch.is_tensor(logits):
-        raise TypeError(f"forward returned {type(out).__name__}; expected logits or an object with .logits")
-    if ids.is_floating_point():  # continuous frames [B, T, F] -> outputs [B, T', F'] on the same time axis
-        if logits.ndim != ids.ndim or logits.shape[0] != ids.shape[0]:
-            raise ValueError(f"outputs of shape {tuple(logits.shape)} for continuous inputs of shape "
-                             f"{tuple(ids.shape)}; expected [B, T, F] for [B, T, F]")
-        return logits.float()
-    if logits.ndim != ids.ndim + 1 or tuple(logits.shape[: ids.ndim]) != tuple(ids.shape):
-        raise ValueError(f"logits of shape {tuple(logits.shape)} for input_ids of shape {tuple(ids.shape)}; "
-                         "expected [B, T, V] for [B, T] or [B, T, K, V] for [B, T, K]")
-    return logits.float()
-
-
-def _rng_devices(device: torch.device) -> list[int]:
-    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-
-
-@contextlib.contextmanager
-def _preserved_rng(device: torch.device) -> Iterator[None]:
-    """Everything inside may draw random numbers; the caller's torch, numpy and random states come back."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=_rng_devices(device)):
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
-def _seeded_forward(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A forward with the same RNG state every time, so two forwards draw identical dropout masks."""
-    with torch.random.fork_rng(devices=_rng_devices(ids.device)):
-        torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: it would queue CUDA seeding
-        if ids.device.type == "cuda":
-            with torch.cuda.device(ids.device):
-                torch.cuda.manual_seed(seed)
-        return _forward(model, ids)
-
-
-def _other_ids(x: torch.Tensor, pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``x`` (ids taken from ``pool``) with every id replaced by a DIFFERENT id that occurs in ``pool``.
-
-    Ids seen in the batch are valid for the embedding; for codebooks ([..., K]) each codebook draws from
-    its own ids, since codebooks may have vocabularies of different sizes.
-    """
-    if pool.is_floating_point():  # continuous frames: a different value, not an id
-        return _other_frames(x, pool, generator)
-    if pool.ndim == 3:
-        return torch.stack([_other_ids(x[..., k], pool[..., k], generator) for k in range(pool.shape[-1])], dim=-1)
-    values = pool.unique()  # sorted
-    if values.numel() == 1:  # a single id in the batch: use its neighbour
-        v = int(values[0])
-        values = torch.tensor([v - 1, v] if v > 0 else [v, v + 1], dtype=pool.dtype, device=pool.device)
-    where = torch.searchsorted(values, x.contiguous())
-    shift = torch.randint(1, values.numel(), x.shape, generator=generator).to(x.device)
-    return values[(where + shift) % values.numel()]
-
-
-def _other_frames(x: torch.Tensor, pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Continuous ``x`` moved by Gaussian noise of the batch's per-feature std: a clearly different frame."""
-    std = pool.float().reshape(-1, pool.shape[-1]).std(dim=0).clamp_min(1e-3)
-    noise = torch.randn(x.shape, generator=generator).to(x.device)
-    return (x.float() + noise * std).to(x.dtype)
-
-
-def _abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b| where NaN == NaN and inf == inf count as equal and NaN vs a number as infinitely different."""
-    same = (a == b) | (a.isnan() & b.isnan())
-    return torch.where(same, torch.zeros_like(a), (a - b).abs()).nan_to_num(nan=math.inf)
-
-
-def _scale(logits: torch.Tensor) -> float:
-    finite = logits[logits.isfinite()]
-    return max(float(finite.abs().max()), 1e-3) if finite.numel() else 1.0
-
-
 def check_failed(check: str, exc: BaseException) -> Finding:
     text = " ".join(str(exc).split())[:300]
     return make_finding("check_failed", f"preflight check '{check}' could not run: {type(exc).__name__}: {text}",
@@ -216,12 +129,6 @@ def check_failed(check: str, exc: BaseException) -> Finding:
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied weights appear once
-
-
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return fallback
 
 
 def _targets(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,9 +162,6 @@ class PreflightLoss:
     outputs: torch.Tensor  # logits [..., V] (V = their last dim) or continuous predictions
 
 
-LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], Any]  # (model, batch) -> PreflightLoss / LossOutput
-
-
 def token_cross_entropy(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> PreflightLoss:
     """The default loss of any model: token cross-entropy of ``model(input_ids)`` over ``labels`` (-100 ignored).
 
@@ -265,7 +169,7 @@ def token_cross_entropy(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> 
     passes its own loss instead (scratchlab's: ``Task.loss``), so preflight trains what training trains.
     """
     ids, labels = _targets(batch)
-    logits = _forward(model, ids)
+    logits = model_outputs(model, ids)
     loss = _checked_loss(logits, labels)
     return PreflightLoss(loss=loss, objective=loss, outputs=logits)
 
@@ -273,17 +177,6 @@ def token_cross_entropy(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> 
 def _head(batch: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     """The first ``n`` samples of every tensor of the batch (the batch dimension is dim 0)."""
     return {k: v[:n] if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
-
-
-def _seeded_loss(loss_fn: LossFn, model: nn.Module, batch: Mapping[str, torch.Tensor], seed: int = 0) -> Any:
-    """``loss_fn`` with the same RNG state every time (identical dropout masks), like `_seeded_forward`."""
-    device = _model_device(model, torch.device("cpu"))
-    with torch.random.fork_rng(devices=_rng_devices(device)):
-        torch.random.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        return loss_fn(model, batch)
 
 
 # ---------------------------------------------------------------- the batch alone
@@ -350,159 +243,6 @@ def check_special_tokens(batch: Mapping[str, torch.Tensor], special_token_ids: S
                          ids=[int(i) for i in counts], counts=counts, fraction=_sig(frac), first_position=first)]
 
 
-# ---------------------------------------------------------------- perturbation checks
-
-
-def _first_change(base: torch.Tensor, out: torch.Tensor, tol: float) -> tuple[int, float] | None:
-    """(first time index, diff there) where ``out`` differs from ``base`` beyond tol; dims [B, T, ...]."""
-    diff = _abs_diff(out, base).transpose(0, 1).flatten(1).amax(dim=1)  # [T]
-    bad = (diff > tol).nonzero()
-    return (int(bad[0]), float(diff[bad[0]])) if bad.numel() else None
-
-
-def _confirmed(probe: Callable[[nn.Module, torch.Tensor], Any], model: nn.Module, ids: torch.Tensor) -> tuple[Any, str]:
-    """``probe(model, ids)``; where it finds something, the same probe on a float64 copy decides.
-
-    Two forwards of a healthy model can differ by round-off where kernels pick their reduction
-    order by shape (an MoE's per-expert matmuls change shape when one token's routing changes;
-    cuBLAS, TF32 and bf16 kernels are chosen by M), enough to pass the fp32 tolerance or to flip
-    a top-k routing choice. In float64 (autocast off) that noise is ~1e-16 of the logits, 10^10
-    below LEAK_RTOL, so only a real dependency remains. Healthy models usually differ by exactly 0
-    and pay nothing; a model that cannot be copied or run in float64 keeps the first verdict.
-    Returns (result, the precision that decided it).
-    """
-    found = probe(model, ids)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), ids.dtype)
-    precision = str(dtype).removeprefix("torch.")
-    if not found:
-        return found, precision
-    device = ids.device.type
-    try:
-        with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext():
-            copy64 = copy.deepcopy(model).to(torch.float64)
-            return probe(copy64, ids.to(torch.float64) if ids.is_floating_point() else ids), "float64"
-    except Exception:  # noqa: BLE001 - no float64 here (an op or a device without it, no memory): keep the verdict
-        return found, precision
-
-
-def _each_sample(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """One forward per sample: what a sequence's outputs depend on within itself (batch effects are batch_leak's)."""
-    return torch.cat([_seeded_forward(model, ids[s:s + 1]) for s in range(ids.shape[0])])
-
-
-def _causal_changes(model: nn.Module, ids: torch.Tensor) -> list[tuple]:
-    """(output_pos, input_pos, mode, diff, scale) per probed input position j whose change moves an output before j."""
-    T = ids.shape[1]
-    leaks = []
-    for mode in ("train", "eval"):
-        model.train(mode == "train")
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            base = _each_sample(model, ids)
-            scale = _scale(base)
-            for j in _causal_probes(T):
-                other = ids.clone()
-                other[:, j] = _other_ids(ids[:, j], ids, generator)
-                change = _first_change(base[:, :j], _each_sample(model, other)[:, :j], LEAK_RTOL * scale)
-                if change is not None:
-                    leaks.append((change[0], j, mode, change[1], scale))
-    return leaks
-
-
-def _causal_probes(T: int) -> list[int]:
-    return sorted({T - 1, T // 2, 1} & set(range(1, T)))  # positions that have a past to leak into
-
-
-def check_causal_leak(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[Finding]:
-    """causal_leak: do outputs before time j change when the tokens at j change (each sample on its own)?"""
-    ids = batch["input_ids"][:PERTURB_SAMPLES]
-    leaks, precision = _confirmed(_causal_changes, model, ids)
-    if not leaks:
-        return []
-    t, j, mode, diff, scale = min(leaks, key=lambda leak: (leak[0], leak[1]))
-    modes = sorted({leak[2] for leak in leaks}, reverse=True)
-    return [make_finding("causal_leak", f"the output at position {t} changes when the input at position {j} changes "
-                         f"({' and '.join(modes)} mode): the model sees the future; check the causal mask and any "
-                         "softmax, norm or pooling over time",
-                         output_pos=t, input_pos=j, mode=mode, modes=modes, max_abs_diff=_sig(diff),
-                         relative_diff=_sig(diff / scale), tolerance=LEAK_RTOL,
-                         probed_input_positions=_causal_probes(ids.shape[1]), samples=int(ids.shape[0]),
-                         precision=precision)]
-
-
-def _batch_changes(model: nn.Module, ids: torch.Tensor) -> list[tuple]:
-    """(mode, observed sample, perturbed sample, first position, diff, scale) for each mode where one sample's
-    output changes when the other sample changes: sample 1 perturbed first, then sample 0."""
-    other = _other_ids(ids, ids, torch.Generator().manual_seed(1))
-    changes = []
-    for mode in ("train", "eval"):
-        model.train(mode == "train")
-        with torch.no_grad():
-            base = _seeded_forward(model, ids)
-            for perturbed, observed in ((1, 0), (0, 1)):
-                changed = ids.clone()
-                changed[perturbed] = other[perturbed]
-                mine = slice(observed, observed + 1)
-                scale = _scale(base[mine])
-                change = _first_change(base[mine], _seeded_forward(model, changed)[mine], LEAK_RTOL * scale)
-                if change is not None:
-                    changes.append((mode, observed, perturbed, *change, scale))
-                    break
-    return changes
-
-
-def _declared_couplings(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that declare a batch dependency on purpose (``batch_coupling``: a reason, and ``uncoupled()``)."""
-    return [(name, m) for name, m in model.named_modules()
-            if getattr(m, "batch_coupling", None) and callable(getattr(m, "uncoupled", None))]
-
-
-def _batch_verdict(model: nn.Module, ids: torch.Tensor) -> tuple[list[tuple], list[tuple] | None] | None:
-    """None, or (changes, the changes left with every declared coupling turned off; None when none is declared)."""
-    changes = _batch_changes(model, ids)
-    if not changes:
-        return None
-    declared = _declared_couplings(model)
-    if not declared:
-        return changes, None
-    with contextlib.ExitStack() as stack:
-        for _, module in declared:
-            stack.enter_context(module.uncoupled())
-        return changes, _batch_changes(model, ids)
-
-
-def check_batch_leak(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[Finding]:
-    """batch_leak: does one sample's output change when the other sample changes (both ways)?
-
-    A dependency that modules declare (``batch_coupling``, e.g. MoE capacity dropping) and that
-    disappears with them turned off (``uncoupled()``) is a warning naming the reason; any other is an error.
-    """
-    ids = batch["input_ids"][:PERTURB_SAMPLES]
-    if ids.shape[0] < 2:  # one sample: pair it with a shifted copy of itself
-        ids = torch.cat([ids, ids.roll(1, dims=1)])
-    verdict, precision = _confirmed(_batch_verdict, model, ids)
-    if not verdict:
-        return []
-    changes, undeclared = verdict
-    declared = _declared_couplings(model)
-    severity, extra = None, {}
-    if undeclared is not None and not undeclared:  # only the declared dependency: expected, but worth knowing
-        reasons = "; ".join(sorted({module.batch_coupling for _, module in declared}))
-        more = f" and {len(declared) - 1} more" if len(declared) > 1 else ""
-        advice = f"expected from {reasons} ({declared[0][0]}{more}): outputs depend on the batch's other sequences"
-        severity, extra = "warning", {"declared_by": [name for name, _ in declared]}
-    else:
-        changes = undeclared or changes
-        advice = "normalise over features, never over the batch"
-    mode, observed, perturbed, t, diff, scale = changes[0]
-    modes = [c[0] for c in changes]
-    return [make_finding("batch_leak", f"sample {observed}'s output (from position {t}) changes when sample "
-                         f"{perturbed} changes ({' and '.join(modes)} mode): {advice}", severity=severity,
-                         changed_sample=observed, perturbed_sample=perturbed, first_position=t, mode=mode, modes=modes,
-                         max_abs_diff=_sig(diff), relative_diff=_sig(diff / scale), tolerance=LEAK_RTOL,
-                         precision=precision, **extra)]
-
-
 # ---------------------------------------------------------------- one forward + backward
 
 
@@ -552,7 +292,7 @@ def gradient_step(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_fn: 
     train mode. ``neg_inf_bad``: -inf outputs count as non-finite (continuous predictions; in logits it is a mask)."""
     model.train()
     model.zero_grad(set_to_none=True)
-    out = _seeded_loss(loss_fn, model, _head(batch, GRAD_SAMPLES))
+    out = seeded_loss(loss_fn, model, _head(batch, GRAD_SAMPLES))
     loss, objective = out.loss, out.objective
     if objective.requires_grad:
         objective.backward()
@@ -623,7 +363,7 @@ def _still_dead(model: nn.Module, batch: Mapping[str, torch.Tensor], names: set[
     trial.train()
     for step in range(2):  # a step, then the gradients after it
         optimizer.zero_grad(set_to_none=True)
-        _seeded_loss(loss_fn, trial, batch).objective.backward()
+        seeded_loss(loss_fn, trial, batch).objective.backward()
         if step == 0:
             optimizer.step()
     dead = {n for n, p in _trainable(trial) if n in names and (p.grad is None or not bool(p.grad.any()))}
@@ -855,8 +595,8 @@ def preflight(
     """
     findings: list[Finding] = []
     first = batch["input_ids"] if isinstance(batch, Mapping) and "input_ids" in batch else None
-    device = _model_device(model, first.device if torch.is_tensor(first) else torch.device("cpu"))
-    with _preserved_rng(device):
+    device = model_device(model, first.device if torch.is_tensor(first) else torch.device("cpu"))
+    with preserved_rng(device):
         try:
             batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
             for key in ("input_ids", "labels"):
