@@ -51,7 +51,8 @@ def test_default_train_reaches_target_then_samples_and_resumes(tmp_path):
                         "--max-new-tokens", "200", cwd=tmp_path, env=env)
     assert sample.returncode == 0 and sample.stdout.startswith("def ") and len(sample.stdout) > 100
 
-    resumed = scratchlab("train", "--resume", str(run), "train.max_steps=410", cwd=tmp_path, env=env)
+    more = status["step"] + 10
+    resumed = scratchlab("train", "--resume", str(run), f"train.max_steps={more}", cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-    assert steps[-1] == 410 and steps == sorted(set(steps))
+    assert steps[-1] == more and steps == sorted(set(steps))
