@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/time_to_loss.py                       # adamw vs muon vs muon+relu2+zero-init on tiny-lm
+    python benchmarks/time_to_loss.py                       # tiny-lm-adamw (400 steps) vs tiny-lm (Muon, 250)
     python benchmarks/time_to_loss.py --max-steps 100 --eval-every 25 --seeds 2
     python benchmarks/time_to_loss.py --recipe "adamw=" --recipe "muon=optim.name=muon,optim.muon_lr=0.02" \\
         --recipe "mine=my.yaml,optim.lr=1e-3" --set train.precision=fp32 --target 2.0
@@ -64,10 +64,9 @@ from scratchlab.families.registry import build_model, build_task
 from scratchlab.runtime import resolve_device, resolve_precision
 from scratchlab.train.optim import build_optimizer, clip_threshold_at, lr_at
 
-DEFAULT_RECIPES = [
-    "adamw=",
-    "muon=optim.name=muon",
-    "muon+relu2+zero=optim.name=muon,model.ffn=relu2,model.zero_init_out=true",
+DEFAULT_RECIPES = [  # the old default against the new one, each with its own budget (docs/recipes.md)
+    "adamw=tiny-lm-adamw",
+    "tiny-lm=tiny-lm",
 ]
 
 
