@@ -81,7 +81,7 @@ class MonitorConfig:
     # update_ratio: the matrices' update/weight ratio ||dW|| / ||W|| of the optimizer step above
     # update_ratio_high, or below update_ratio_low, on update_ratio_rows logged rows in a row after
     # the warmup. The rule of thumb is ~1e-3, but AdamW at the high LRs of small models settles
-    # near sqrt(2 lr wd): the tiny-lm preset (lr 3e-3, wd 0.1) measured 0.026 at its peak (end of
+    # near sqrt(2 lr wd): the tiny-lm-adamw preset (lr 3e-3, wd 0.1) measured 0.026 at its peak (end of
     # warmup) falling to 0.0026 at the end, so the high bound sits 4x above that. A far too high LR
     # shows as ratios of 0.2-1 right after the warmup; they fall back once the weights have grown,
     # so the check is on a short streak. Low is judged only while the lr is at least
@@ -101,12 +101,12 @@ class MonitorConfig:
     # entropy_collapse: mean output entropy at eval below entropy_floor nats AND below
     # entropy_loss_frac x the val loss: the model is near-certain but still wrong (a model that is
     # certain and right has a low loss too). A calibrated model's entropy tracks its loss: the
-    # tiny-lm preset measured 5.7 -> 4.7 nats for val losses 5.5 -> 4.5.
+    # tiny-lm-adamw preset measured 5.7 -> 4.7 nats for val losses 5.5 -> 4.5.
     entropy_floor: float = 0.5
     entropy_loss_frac: float = 0.25
     # logit_growth: the mean per-window max |logit| at eval grew logit_growth_factor x over the last
     # logit_growth_evals evals after the warmup, rising at each, and is above logit_level (healthy
-    # early growth from the small initial logits stays below it: the tiny-lm preset measured
+    # early growth from the small initial logits stays below it: the tiny-lm-adamw preset measured
     # 9.6 -> 11.8). The episode lasts while it stays above logit_level.
     logit_growth_evals: int = 3
     logit_growth_factor: float = 2.0
