@@ -730,7 +730,7 @@ def test_fuzzed_run_records_never_raise(finished):
     assert FUZZ_STATS["corruptions"] - before >= 50 and FUZZ_STATS["tracebacks"] == 0
 
 
-@pytest.mark.soak  # 1,000 corruptions take 20-80 min on 2 cores: run by hand, `pytest -m soak`
+@pytest.mark.soak  # 1,000 corruptions: ~2 min on 2 quiet cores (much more when loaded); CI runs `pytest -m soak`
 def test_fuzzed_run_records_never_raise_1000(finished):
     before = FUZZ_STATS["corruptions"]
     _fuzz(finished, int(os.environ.get("FUZZ_EXAMPLES", "1000")), seed=int(os.environ.get("FUZZ_SEED", "0")))
