@@ -42,6 +42,15 @@ FRAME_RATE = 86.0
 
 
 def rss_mb() -> float:
+    """This process's peak RSS in MB. VmHWM (Linux) is the peak of this program's own memory; ru_maxrss
+    also keeps the peak of the process that forked it (Linux carries it across exec), so a worker
+    would report the driver's peak (the corpus conversion) when that is larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
