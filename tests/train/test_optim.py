@@ -43,16 +43,17 @@ def losses(run, key="loss"):
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     cfg = load_config("tiny-lm", ["model.vocab_size=64", "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
-                                  "optim.name=muon"])
+                                  "optim.name=muon", "model.qk_norm=false"])
     roles = optimizer_roles(build_model(cfg.model), cfg.optim)
     assert roles["muon"] == [f"blocks.{i}.{m}.weight" for i in range(2)
                              for m in ("attn.qkv", "attn.proj", "ffn.gate_up", "ffn.down")]
     # Tied: the head is the embedding (one parameter, AdamW).
     assert roles["adamw"] == ["tok_emb.weight", "blocks.0.attn_norm.weight", "blocks.0.ffn_norm.weight",
                               "blocks.1.attn_norm.weight", "blocks.1.ffn_norm.weight", "norm.weight"]
-    untied = cfg.model.model_copy(update={"tie_embeddings": False, "bias": True, "value_embed": True})
+    untied = cfg.model.model_copy(update={"tie_embeddings": False, "bias": True, "value_embed": True, "qk_norm": True})
     roles = optimizer_roles(build_model(untied), cfg.optim)
-    assert {"head.weight", "tok_emb.weight", "value_emb.weight", "blocks.0.attn.qkv.bias"} <= set(roles["adamw"])
+    assert {"head.weight", "tok_emb.weight", "value_emb.weight", "blocks.0.attn.qkv.bias",
+            "blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.weight"} <= set(roles["adamw"])
     assert all(n.endswith(".weight") and ".blocks." not in n and "norm" not in n for n in roles["muon"])
     assert not set(roles["muon"]) & set(roles["adamw"])
 

@@ -21,7 +21,9 @@ def tiny_codec(conditioning: str = "text", **extra):
         "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.max_seq_len=64",
         "model.codec.text_d_model=32", "model.codec.text_heads=2", "model.codec.max_text_bytes=16",
         f"model.codec.conditioning={conditioning}", "train.seq_len=32",
-        "model.zero_init_out=false",  # random (untrained) blocks, so that the condition moves the samples
+        # random (untrained) blocks, so that the condition moves the samples (the default preset's QK-norm and
+        # zero-init out-projections leave the condition's effect on an untrained model too small to change them)
+        "model.zero_init_out=false", "model.qk_norm=false",
         *[f"{k}={v}" for k, v in extra.items()],
     ]
     torch.manual_seed(0)

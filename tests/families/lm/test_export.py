@@ -1,7 +1,8 @@
 """`scratchlab export --format hf`: real runs exported, loaded with transformers, compared with scratchlab.
 
 The export must give the same logits (fp32, max abs diff < 1e-4) and the same greedy continuation,
-through AutoModelForCausalLM and AutoTokenizer; every architecture Llama cannot express is refused.
+through AutoModelForCausalLM and AutoTokenizer; every architecture Llama (Qwen3 with QK-norm) cannot express
+is refused.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ def load_run_model(run):
 
 TEXT = 'def main(argv=None):\n    """Run it."""\n    return 0\n'
 
-# The default tiny lm (MHA, tied embeddings, no bias) and one with GQA, untied head, biases and another RoPE base.
+# The default tiny lm (MHA, tied embeddings, no bias, QK-norm: a Qwen3), the same without QK-norm (a Llama),
+# and a Llama with GQA, untied head, biases and another RoPE base.
 ARCHITECTURES = {
     "default": {},
+    "llama": dict(model__qk_norm="false"),
     "gqa-untied-bias": dict(model__n_heads=4, model__n_kv_heads=2, model__tie_embeddings="false", model__bias="true",
-                            model__rope_theta=500.0),
+                            model__rope_theta=500.0, model__qk_norm="false"),
 }
 
 
@@ -58,7 +61,8 @@ def test_transformers_gives_the_same_logits(exported):
     model, tokenizer, eos_id = load_run_model(run)
     hf = AutoModelForCausalLM.from_pretrained(str(result.out_dir)).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(str(result.out_dir))
-    assert type(hf).__name__ == "LlamaForCausalLM" and next(hf.parameters()).dtype == torch.float32
+    assert type(hf).__name__ == ("Qwen3ForCausalLM" if model.cfg.qk_norm else "LlamaForCausalLM")
+    assert next(hf.parameters()).dtype == torch.float32
     assert hf.config.tie_word_embeddings == model.cfg.tie_embeddings
     assert hf.num_parameters() == model.num_params() == result.n_params
 
@@ -118,7 +122,7 @@ def config_only_run(tmp_path, data_dir, **overrides):
     (dict(model__moe__n_routed_experts=4), "model.moe.n_routed_experts=4"),
     (dict(model__ffn="gelu"), "model.ffn=gelu"),
     (dict(model__ffn="gelu_affine"), "model.ffn=gelu_affine"),
-    (dict(model__qk_norm="true"), "model.qk_norm=true"),
+    (dict(model__qk_norm="true", model__bias="true"), "model.qk_norm=true with model.bias=true"),
     (dict(model__attn_softcap=30.0), "model.attn_softcap=30.0"),
     (dict(model__logit_softcap=15.0), "model.logit_softcap=15.0"),
     (dict(model__logits_scale=0.5), "model.logits_scale=0.5"),
@@ -137,15 +141,16 @@ def test_other_families_are_refused():
 
     assert unmapped_features(ModelConfig(family="codec_lm"))[0].startswith("model.family=codec_lm")
     assert unmapped_features(ModelConfig()) == []
-    assert len(unmapped_features(ModelConfig(qk_norm=True, logits_scale=2.0))) == 2  # all of them are named
+    assert unmapped_features(ModelConfig(qk_norm=True)) == []  # a Qwen3
+    assert len(unmapped_features(ModelConfig(qk_norm=True, bias=True, logits_scale=2.0))) == 2  # all are named
 
 
 def test_cli_refuses_a_real_run_in_one_line(data_dir, tmp_path, capsys):
-    run = run_tiny(data_dir, tmp_path / "runs", model__qk_norm="true", train__max_steps=2).run_dir
+    run = run_tiny(data_dir, tmp_path / "runs", model__qk_norm="true", model__bias="true", train__max_steps=2).run_dir
     code = main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: cannot export")
-    assert "model.qk_norm=true (Llama has no QK-norm)" in err
+    assert "model.qk_norm=true with model.bias=true (Qwen3, Llama with QK-norm, has no MLP biases)" in err
     assert not (tmp_path / "hf").exists()
 
 

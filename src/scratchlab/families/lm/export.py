@@ -1,9 +1,11 @@
-"""Export a dense `lm` run as a Hugging Face `transformers` Llama directory.
+"""Export a dense `lm` run as a Hugging Face `transformers` Llama directory (Qwen3 with QK-norm).
 
 scratchlab's `lm` block is Llama's when the run uses what Llama has: RMSNorm, rotary embeddings
 (both rotate the two halves of the head dim, so q/k need no permutation), SwiGLU, MHA/GQA, biases or
-none, tied or untied embeddings, and plain logits. Anything else is refused with the settings that
-have no Llama equivalent. The export is written to a temporary folder, loaded back with
+none, tied or untied embeddings, and plain logits. With `model.qk_norm` (the default preset) it is
+Qwen3's: Llama plus an RMSNorm over each head's queries and keys before the rotation, as ours (Qwen3
+has no MLP biases, so QK-norm with biases is refused). Anything else is refused with the settings that
+have no equivalent. The export is written to a temporary folder, loaded back with
 `AutoModelForCausalLM`, checked against scratchlab's own logits, and only then renamed into place.
 """
 
@@ -50,8 +52,8 @@ def unmapped_features(cfg: ModelConfig) -> list[str]:
         out.append(f"model.moe.n_routed_experts={cfg.moe.n_routed_experts} (mixture of experts; Llama's FFN is dense)")
     if cfg.ffn != "swiglu":
         out.append(f"model.ffn={cfg.ffn} (Llama's FFN is SwiGLU)")
-    if cfg.qk_norm:
-        out.append("model.qk_norm=true (Llama has no QK-norm)")
+    if cfg.qk_norm and cfg.bias:
+        out.append("model.qk_norm=true with model.bias=true (Qwen3, Llama with QK-norm, has no MLP biases)")
     if cfg.value_embed:
         out.append("model.value_embed=true (Llama has no value embeddings)")
     if cfg.attn_softcap:
@@ -64,10 +66,14 @@ def unmapped_features(cfg: ModelConfig) -> list[str]:
 
 
 def llama_config(cfg: ModelConfig, eos_id: int) -> dict:
-    """config.json of the equivalent LlamaForCausalLM."""
+    """config.json of the equivalent LlamaForCausalLM (Qwen3ForCausalLM with QK-norm)."""
     from scratchlab.layers.blocks import ffn_hidden
 
     head_dim = cfg.d_model // cfg.n_heads
+    qwen3 = {  # Llama + q_norm / k_norm; every layer full attention
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+        "sliding_window": None, "max_window_layers": cfg.n_layers, "layer_types": ["full_attention"] * cfg.n_layers,
+    } if cfg.qk_norm else {}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -96,6 +102,7 @@ def llama_config(cfg: ModelConfig, eos_id: int) -> dict:
         "use_cache": True,
         "torch_dtype": "float32",  # transformers 4.x's key; 5.x reads "dtype"
         "dtype": "float32",
+        **qwen3,
     }
 
 
@@ -131,6 +138,9 @@ def llama_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torc
                 f"{dst}.mlp.up_proj.{kind}": up,
                 f"{dst}.mlp.down_proj.{kind}": take(f"{src}.ffn.down.{kind}"),
             })
+        if cfg.qk_norm:
+            out[f"{dst}.self_attn.q_norm.weight"] = take(f"{src}.attn.q_norm.weight")
+            out[f"{dst}.self_attn.k_norm.weight"] = take(f"{src}.attn.k_norm.weight")
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("head.weight")
     left = sorted(set(params) - used)
@@ -189,7 +199,7 @@ def check_hf_export(cfg: Config, out_dir: Path, name: str = "this run") -> None:
     if missing:
         raise UserError(
             f"cannot export {name} as a Hugging Face Llama model: {'; '.join(missing)}; only dense `lm` runs "
-            "with SwiGLU, MHA/GQA and plain logits map"
+            "with SwiGLU, MHA/GQA and plain logits map (QK-norm: as Qwen3)"
         )
     if importlib.util.find_spec("transformers") is None:
         raise UserError("scratchlab export --format hf needs the hf extra: pip install -e '.[hf]'")
