@@ -72,9 +72,13 @@ def tiny_overrides(data_dir: Path, out_dir: Path, **extra) -> list[str]:
         "demo.max_new_tokens": 8,
         "demo.prompts": "['def ']",
         "log.progress": "lines",
-        # The tests' tiny runs keep AdamW (the doctor's calibrations, FSDP, the optimizer-state layouts);
-        # Muon, the preset's optimizer, is tested in test_optim.py.
+        # The tests' tiny runs keep the plain recipe (AdamW, no QK-norm, no zero-init, clip 1: the doctor's
+        # calibrations, FSDP, the optimizer-state layouts); the preset's Muon recipe is tested on its own
+        # (test_optim.py, the export's qk-norm case, and the slow end-to-end default run).
         "optim.name": "adamw",
+        "model.qk_norm": "false",
+        "model.zero_init_out": "false",
+        "train.clip.max_norm": 1.0,
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in values.items()]

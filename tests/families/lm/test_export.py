@@ -31,13 +31,13 @@ def load_run_model(run):
 
 TEXT = 'def main(argv=None):\n    """Run it."""\n    return 0\n'
 
-# The default tiny lm (MHA, tied embeddings, no bias, QK-norm: a Qwen3), the same without QK-norm (a Llama),
-# and a Llama with GQA, untied head, biases and another RoPE base.
+# The tiny test lm (MHA, tied embeddings, no bias: a Llama), the same with QK-norm as the default preset has (a
+# Qwen3), and a Llama with GQA, untied head, biases and another RoPE base.
 ARCHITECTURES = {
     "default": {},
-    "llama": dict(model__qk_norm="false"),
+    "qk-norm": dict(model__qk_norm="true"),
     "gqa-untied-bias": dict(model__n_heads=4, model__n_kv_heads=2, model__tie_embeddings="false", model__bias="true",
-                            model__rope_theta=500.0, model__qk_norm="false"),
+                            model__rope_theta=500.0),
 }
 
 
