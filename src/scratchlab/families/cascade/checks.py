@@ -13,8 +13,7 @@ import statistics
 import torch
 from torch import nn
 
-from scratchlab.doctor.findings import Finding, make_finding
-from scratchlab.doctor.findings import sig
+from scratchlab.doctor.findings import Finding, make_finding, sig
 from scratchlab.doctor.leaks import check_batch_leak, check_causal_leak
 from scratchlab.doctor.preflight import GRAD_OUTLIER_RATIO, NONFINITE, Check, StepReport
 from scratchlab.families.cascade.data import make_pairs, window_of

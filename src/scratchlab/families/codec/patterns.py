@@ -15,7 +15,8 @@ With ``eos=False`` (a crop that stops before the clip ends) there is no EOS fram
 has ``T + max_delay`` steps and everything after a codebook's last frame is PAD.
 
 Training and sampling agree because both go through this module: the data layer makes the
-training targets from ``apply`` / ``training_pair``, and the sampler (families/codec/sampler.py)
+training windows with ``codes_windows`` (a batched form of ``training_pair(apply(crop))``, held equal
+to it by a property test), and the sampler (families/codec/sampler.py)
 asks ``forced_ids`` / ``allowed_mask`` (batched over the samples) what the pattern dictates at
 each step and ``revert`` for the codes. ``forced_tokens`` / ``allowed_classes`` are the same rule
 for one stream.
